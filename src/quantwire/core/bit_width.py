@@ -1,0 +1,44 @@
+"""Bit widths as tensors: constant, or learned within a range."""
+
+
+import torch
+from torch import Tensor, nn
+
+from quantwire.core.utils import StatelessBuffer, check_bit_width
+from quantwire.errors import QuantConfigError
+from quantwire.function.ste import abs_binary_sign_grad, round_ste, scalar_clamp_ste
+from quantwire.jit import ScriptModule, script_method
+
+
+class BitWidthConst(ScriptModule):
+    """A fixed bit width (``bit_width`` an integer in ``[1, 32]``)."""
+
+    def __init__(self, bit_width: int) -> None:
+        super().__init__()
+        self.bit_width = StatelessBuffer(torch.tensor(float(check_bit_width(bit_width))))
+
+    @script_method
+    def forward(self) -> Tensor:
+        return self.bit_width()
+
+
+class BitWidthParameter(ScriptModule):
+    """A learned bit width starting at ``bit_width``, rounded to an integer and kept within
+    ``[min_bit_width, max_bit_width]`` (straight-through gradients)."""
+
+    def __init__(self, bit_width: int, min_bit_width: int = 2, max_bit_width: int = 16) -> None:
+        super().__init__()
+        bit_width = check_bit_width(bit_width)
+        self.min_bit_width = float(check_bit_width(min_bit_width, "min_bit_width"))
+        self.max_bit_width = float(check_bit_width(max_bit_width, "max_bit_width"))
+        if not self.min_bit_width <= bit_width <= self.max_bit_width:
+            raise QuantConfigError(
+                f"bit_width {bit_width} must lie in [min_bit_width, max_bit_width] = "
+                f"[{int(self.min_bit_width)}, {int(self.max_bit_width)}]"
+            )
+        self.offset = nn.Parameter(torch.tensor(float(bit_width) - self.min_bit_width))
+
+    @script_method
+    def forward(self) -> Tensor:
+        bit_width = round_ste(abs_binary_sign_grad(self.offset) + self.min_bit_width)
+        return scalar_clamp_ste(bit_width, self.min_bit_width, self.max_bit_width)

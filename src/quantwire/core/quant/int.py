@@ -1,0 +1,80 @@
+"""Uniform integer quantization."""
+
+
+from typing import Optional, Tuple
+
+from torch import Tensor, nn
+
+from quantwire.core.function_wrapper.ops import RoundSte, TensorClamp
+from quantwire.core.quant.delay import DelayWrapper
+from quantwire.function.int_range import max_int, min_int
+from quantwire.jit import ScriptModule, script_method
+
+
+class IntQuant(ScriptModule):
+    """Fake-quantize ``x`` to ``scale * (k - zero_point)`` with ``k`` an integer of the range of
+    ``bit_width`` (``signed``, ``narrow_range``).
+
+    ``k = clamp(float_to_int(x / scale + zero_point))``: rounding is ``float_to_int_impl``
+    (round half to even by default) and clamping ``tensor_clamp_impl`` (gradient 0 outside the
+    range by default; :class:`~quantwire.core.function_wrapper.TensorClampSte` passes it).
+    """
+
+    def __init__(
+        self,
+        signed: bool,
+        narrow_range: bool = False,
+        float_to_int_impl: Optional[nn.Module] = None,
+        tensor_clamp_impl: Optional[nn.Module] = None,
+        quant_delay_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.signed = bool(signed)
+        self.narrow_range = bool(narrow_range)
+        self.float_to_int_impl = RoundSte() if float_to_int_impl is None else float_to_int_impl
+        self.tensor_clamp_impl = TensorClamp() if tensor_clamp_impl is None else tensor_clamp_impl
+        self.delay_wrapper = DelayWrapper(quant_delay_steps)
+
+    @script_method
+    def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+        """The integer codes ``k`` (as a float tensor)."""
+        y = x / scale + zero_point
+        lower = min_int(self.signed, self.narrow_range, bit_width)
+        upper = max_int(self.signed, self.narrow_range, bit_width)
+        return self.float_to_int_impl(self.tensor_clamp_impl(y, lower, upper))
+
+    @script_method
+    def forward(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+        y = (self.to_int(scale, zero_point, bit_width, x) - zero_point) * scale
+        return self.delay_wrapper(x, y)
+
+
+class RescalingIntQuant(ScriptModule):
+    """Integer quantization whose scale, zero point and bit width come from sub-modules.
+
+    ``scale = scaling_impl(x) / int_scaling_impl(bit_width)``: the scaling module gives the
+    threshold the range's far end maps to. Returns ``(value, scale, zero_point, bit_width)``.
+    """
+
+    def __init__(
+        self,
+        int_quant: nn.Module,
+        scaling_impl: nn.Module,
+        int_scaling_impl: nn.Module,
+        zero_point_impl: nn.Module,
+        bit_width_impl: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.int_quant = int_quant
+        self.scaling_impl = scaling_impl
+        self.int_scaling_impl = int_scaling_impl
+        self.zero_point_impl = zero_point_impl
+        self.msb_clamp_bit_width_impl = bit_width_impl
+
+    @script_method
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        bit_width = self.msb_clamp_bit_width_impl()
+        scale = self.scaling_impl(x) / self.int_scaling_impl(bit_width)
+        zero_point = self.zero_point_impl(x, scale, bit_width)
+        y = self.int_quant(scale, zero_point, bit_width, x)
+        return y, scale, zero_point, bit_width

@@ -1,0 +1,145 @@
+"""Reductions over the last dimension of a ``(groups, elements)`` matrix, keeping it as size 1.
+
+Views (:mod:`quantwire.core.function_wrapper.view`) produce the matrix; these modules only
+reduce it, so each one works per tensor, per channel, per token and per group alike.
+"""
+
+
+import torch
+from torch import Tensor
+
+from quantwire.errors import QuantConfigError
+from quantwire.function.int_range import int_scaling_divisor, max_int, min_int
+from quantwire.jit import ScriptModule, script_method
+
+
+def _check_percentile(q: float, name: str) -> float:
+    if not 0.0 <= float(q) <= 100.0:
+        raise QuantConfigError(f"{name} must be a percentile in [0, 100], got {q!r}")
+    return float(q)
+
+
+def _kth_smallest(x: Tensor, q: float) -> Tensor:
+    """The ``q``-th percentile of each row (nearest rank), as ``(rows, 1)``."""
+    n = x.shape[-1]
+    k = int(q * 0.01 * n + 0.5)
+    k = min(max(k, 1), n)
+    return torch.kthvalue(x, k, dim=-1, keepdim=True).values
+
+
+class AbsMax(ScriptModule):
+    """``max(|x|)``: the symmetric range that covers every value."""
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.amax(torch.abs(x), dim=-1, keepdim=True)
+
+
+class AbsMinMax(ScriptModule):
+    """``max(x, 0) - min(x, 0)``: the width of the smallest range that covers every value and
+    zero (what an asymmetric quantizer spreads its codes over)."""
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        upper = torch.clamp_min(torch.amax(x, dim=-1, keepdim=True), 0.0)
+        lower = torch.clamp_max(torch.amin(x, dim=-1, keepdim=True), 0.0)
+        return upper - lower
+
+
+class NegativeMinOrZero(ScriptModule):
+    """``min(min(x), 0)``: the lower end of an asymmetric range (for zero points)."""
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp_max(torch.amin(x, dim=-1, keepdim=True), 0.0)
+
+
+class AbsPercentile(ScriptModule):
+    """The ``high_percentile_q``-th percentile of ``|x|``: abs-max that ignores rare outliers."""
+
+    def __init__(self, high_percentile_q: float = 99.999) -> None:
+        super().__init__()
+        self.q = _check_percentile(high_percentile_q, "high_percentile_q")
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        return _kth_smallest(torch.abs(x), self.q)
+
+
+class NegativePercentileOrZero(ScriptModule):
+    """``min(percentile(x, low_percentile_q), 0)``: a lower range end that ignores outliers."""
+
+    def __init__(self, low_percentile_q: float = 0.001) -> None:
+        super().__init__()
+        self.q = _check_percentile(low_percentile_q, "low_percentile_q")
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp_max(_kth_smallest(x, self.q), 0.0)
+
+
+class PercentileInterval(ScriptModule):
+    """``percentile(x, high) - min(percentile(x, low), 0)``: an asymmetric range width that
+    ignores outliers at both ends."""
+
+    def __init__(self, low_percentile_q: float = 0.001, high_percentile_q: float = 99.999) -> None:
+        super().__init__()
+        self.low_q = _check_percentile(low_percentile_q, "low_percentile_q")
+        self.high_q = _check_percentile(high_percentile_q, "high_percentile_q")
+        if self.low_q >= self.high_q:
+            raise QuantConfigError(
+                f"low_percentile_q ({low_percentile_q}) must be below high_percentile_q ({high_percentile_q})"
+            )
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        high = torch.clamp_min(_kth_smallest(x, self.high_q), 0.0)
+        low = torch.clamp_max(_kth_smallest(x, self.low_q), 0.0)
+        return high - low
+
+
+class MSE(ScriptModule):
+    """The clipping threshold that minimises the mean squared quantization error of each row.
+
+    Searches ``num_candidates`` thresholds evenly spaced in ``[min_ratio, 1] * max(|x|)``,
+    quantizing symmetrically to the integer range of ``bit_width``/``signed``/``narrow_range``
+    with the same threshold-to-scale divisor as :class:`~quantwire.core.scaling.IntScaling`,
+    and returns, per row, the threshold with the smallest error (ties: the largest threshold).
+    """
+
+    def __init__(
+        self,
+        bit_width: int,
+        signed: bool = True,
+        narrow_range: bool = False,
+        num_candidates: int = 100,
+        min_ratio: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if int(num_candidates) < 1:
+            raise QuantConfigError(f"num_candidates must be at least 1, got {num_candidates!r}")
+        if not 0.0 < float(min_ratio) <= 1.0:
+            raise QuantConfigError(f"min_ratio must be in (0, 1], got {min_ratio!r}")
+        bits = torch.tensor(float(bit_width))
+        self.divisor = float(int_scaling_divisor(signed, narrow_range, bits))
+        self.min_int = float(min_int(signed, narrow_range, bits))
+        self.max_int = float(max_int(signed, narrow_range, bits))
+        self.num_candidates = int(num_candidates)
+        self.min_ratio = float(min_ratio)
+
+    @script_method
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.detach()
+        abs_max = torch.amax(torch.abs(x), dim=-1, keepdim=True)
+        best_threshold = abs_max
+        best_error = torch.full_like(abs_max, float("inf"))
+        for i in range(self.num_candidates):
+            ratio = 1.0 - (1.0 - self.min_ratio) * i / max(self.num_candidates - 1, 1)
+            threshold = abs_max * ratio
+            scale = torch.clamp_min(threshold / self.divisor, 1e-30)
+            quantized = torch.clamp(torch.round(x / scale), self.min_int, self.max_int) * scale
+            error = torch.mean((quantized - x) ** 2, dim=-1, keepdim=True)
+            better = error < best_error
+            best_threshold = torch.where(better, threshold, best_threshold)
+            best_error = torch.where(better, error, best_error)
+        return best_threshold

@@ -1,0 +1,24 @@
+"""The exceptions quantwire raises on bad input, in one small hierarchy.
+
+Every error quantwire raises on purpose derives from :class:`QuantwireError`, so user code can
+catch them all at once; each also derives from the built-in exception a Python user would
+expect (``ValueError`` for a bad value, ``AttributeError`` for an attribute an injector cannot
+resolve), so existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["QuantwireError", "QuantConfigError", "QuantInputError"]
+
+
+class QuantwireError(Exception):
+    """Base class of every error quantwire raises on purpose."""
+
+
+class QuantConfigError(QuantwireError, ValueError):
+    """A quantizer or layer was configured with a value it cannot use (bit width 0, a negative
+    scale, a shape that cannot broadcast, an unknown keyword argument)."""
+
+
+class QuantInputError(QuantwireError, ValueError):
+    """A tensor handed to a quantizer at run time cannot be quantized (NaN/Inf, wrong shape)."""
