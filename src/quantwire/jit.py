@@ -8,7 +8,6 @@ With the environment variable ``QUANTWIRE_JIT=1`` set before quantwire is import
 TorchScript when it is built, with the same outputs as in eager mode.
 """
 
-
 import os
 import warnings
 from collections.abc import Callable

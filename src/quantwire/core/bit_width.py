@@ -1,6 +1,5 @@
 """Bit widths as tensors: constant, or learned within a range."""
 
-
 import torch
 from torch import Tensor, nn
 

@@ -6,16 +6,14 @@ domain value back to an allowed value (identity, ``2^x``, or ``2^round(x)`` for 
 :class:`RestrictClampValue` adds the scale's floor and keeps it positive.
 """
 
-
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from quantwire.core.function_wrapper.ops import CeilSte
 from quantwire.errors import QuantConfigError
-from quantwire.function.ste import abs_binary_sign_grad, scalar_clamp_min_ste
+from quantwire.function.ste import abs_binary_sign_grad, scalar_clamp_min_ste, tensor_clamp_ste
 from quantwire.jit import ScriptModule, script_method
 
 
@@ -53,20 +51,32 @@ class PowerOfTwoRestrictValue(ScriptModule):
     """Powers of two only; stored as ``log2`` and rounded to an integer exponent by
     ``restrict_value_float_to_int_impl`` (ceil by default, so a range is never shrunk)."""
 
-    def __init__(self, restrict_value_float_to_int_impl: Optional[nn.Module] = None) -> None:
+    def __init__(self, restrict_value_float_to_int_impl: nn.Module | None = None) -> None:
         super().__init__()
-        self.float_to_int_impl = CeilSte() if restrict_value_float_to_int_impl is None else restrict_value_float_to_int_impl
+        self.float_to_int_impl = (
+            CeilSte() if restrict_value_float_to_int_impl is None else restrict_value_float_to_int_impl
+        )
 
     def restrict_init_float(self, x: float) -> float:
         return math.log2(x)
 
     @script_method
     def restrict_init_tensor(self, x: Tensor) -> Tensor:
-        return torch.log2(x)
+        log = torch.log2(x)
+        # Just above a power of two, float32 log2 rounds down onto the integer and ceil would
+        # shrink the range by that sliver: step such a log one ulp up.
+        return torch.where(torch.exp2(log) < x, torch.nextafter(log, torch.full_like(log, math.inf)), log)
 
     @script_method
     def forward(self, x: Tensor) -> Tensor:
-        return torch.exp2(self.float_to_int_impl(x))
+        exponent = self.float_to_int_impl(x)
+        # 2^e is inf past the dtype's largest binade (2^127 in float32): a threshold above it
+        # would give an inf scale and NaN outputs. Cap the exponent there (straight-through).
+        largest = torch.nextafter(
+            torch.full((), math.inf, dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
+        )
+        top = (torch.frexp(largest)[1] - 1).to(x.dtype)
+        return torch.exp2(tensor_clamp_ste(exponent, torch.full_like(top, -math.inf), top))
 
 
 class RestrictClampValue(ScriptModule):
@@ -77,7 +87,7 @@ class RestrictClampValue(ScriptModule):
     all-zero channel from giving a zero scale and a division by zero.
     """
 
-    def __init__(self, restrict_value_impl: nn.Module, scaling_min_val: Optional[float] = 1e-10) -> None:
+    def __init__(self, restrict_value_impl: nn.Module, scaling_min_val: float | None = 1e-10) -> None:
         super().__init__()
         self.restrict_value_impl = restrict_value_impl
         if scaling_min_val is None:

@@ -1,6 +1,5 @@
 """Small pieces shared by core modules: constant buffers, step counters, argument checks."""
 
-
 import math
 from typing import Any
 
@@ -36,17 +35,72 @@ class StatelessBuffer(ScriptModule):
 
 
 class StepCounterState:
-    """Mixin persisting a module's Python-int ``counter`` in its ``state_dict``.
+    """Mixin of modules that count training steps in a Python-int ``counter``, persisted in
+    their ``state_dict``.
 
-    The counter is a plain ``int`` so that hot paths branch on it without a device sync; it is
-    saved as the module's ``_extra_state`` tensor (safetensors- and ``weights_only``-friendly).
+    The counter is a plain ``int`` so that eager hot paths branch on it without a device sync;
+    it is saved as the module's ``_extra_state`` tensor (safetensors- and ``weights_only``-friendly).
+
+    ``torch.compile`` treats an int attribute as a constant and guards on it: a counter that
+    changes on every call would recompile the graph on every training step (and, with
+    ``fullgraph=True``, fail once ``torch._dynamo.config.recompile_limit`` is reached). So
+    compiled code (the ``compiled_*`` methods) never reads ``counter``: it counts in
+    ``counter_mirror``, a tensor that eager code keeps equal to ``counter``, and sets
+    ``counter_in_mirror``; the next eager call, ``state_dict()``, ``train()``/``eval()`` and
+    ``sync_counter()`` bring the int up to date. What compiled code branches on are two host
+    flags that flip at most once, ``counter_started`` (``counter > 0``) and
+    ``counter_limit_reached`` (``counter >= counter_limit``; ``counter_limit = -1``: no limit).
+    The counter only grows (or is loaded), so a flag that says True is true even while the int
+    lags behind the mirror.
+
+    A module using it derives from ``(StepCounterState, ScriptModule)`` and re-exports the two
+    scriptable methods, so that ``QUANTWIRE_JIT=1`` compiles them for it::
+
+        set_counter = script_method(StepCounterState.set_counter)
+        pull_counter = script_method(StepCounterState.pull_counter)
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = 0
+        self.counter_limit = -1
+        self.counter_started = False
+        self.counter_limit_reached = False
+        self.counter_in_mirror = False
+        self.counter_mirror = StatelessBuffer(torch.zeros((), dtype=torch.int64))
+
+    def set_counter(self, value: int) -> None:
+        """Set ``counter``, its mirror and its flags."""
+        self.counter = value
+        self.counter_mirror.value.fill_(value)
+        self.counter_in_mirror = False
+        self.counter_started = value > 0
+        self.counter_limit_reached = self.counter_limit >= 0 and value >= self.counter_limit
+
+    def pull_counter(self) -> None:
+        """Take the count from the mirror after compiled calls advanced it."""
+        if self.counter_in_mirror:
+            self.set_counter(int(self.counter_mirror().item()))
+
+    def set_counter_limit(self, limit: int) -> None:
+        """The count at which ``counter_limit_reached`` becomes true (``-1``: never)."""
+        self.counter_limit = int(limit)
+        self.set_counter(self.counter)
+
+    def sync_counter(self) -> None:
+        """Bring the Python-int ``counter`` up to date (after compiled calls)."""
+        self.pull_counter()
+
+    def train(self, mode: bool = True) -> Any:
+        self.sync_counter()
+        return super().train(mode)
+
     def get_extra_state(self) -> Tensor:
+        self.sync_counter()
         return torch.tensor(self.counter, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
-        self.counter = int(state)
+        self.set_counter(int(state))
 
 
 def check_bit_width(bit_width: Any, name: str = "bit_width") -> int:

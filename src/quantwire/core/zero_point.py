@@ -6,8 +6,7 @@ Statistics-based ones take the (non-positive) lower end of the range, ``low``, a
 ``round(-low / scale)``: the code that ``low`` then lands on is the range's lowest.
 """
 
-
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +19,10 @@ from quantwire.core.utils import StatelessBuffer, check_shape
 from quantwire.function.int_range import max_int, min_int
 from quantwire.function.ste import tensor_clamp_ste
 from quantwire.jit import ScriptModule, script_method
+
+
+def _view(view: nn.Module | None) -> nn.Module:
+    return OverTensorView() if view is None else view
 
 
 class ZeroZeroPoint(ScriptModule):
@@ -59,10 +62,10 @@ class StatsZeroPoint(ScriptModule):
         signed: bool,
         narrow_range: bool,
         zero_point_stats_impl: nn.Module,
-        zero_point_stats_input_view_shape_impl: Optional[nn.Module] = None,
+        zero_point_stats_input_view_shape_impl: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        view = OverTensorView() if zero_point_stats_input_view_shape_impl is None else zero_point_stats_input_view_shape_impl
+        view = _view(zero_point_stats_input_view_shape_impl)
         self.stats = TensorStats(zero_point_stats_impl, view)
         self.to_zero_point = LowToZeroPoint(signed, narrow_range)
 
@@ -79,12 +82,12 @@ class RuntimeStatsZeroPoint(ScriptModule):
         signed: bool,
         narrow_range: bool,
         zero_point_stats_impl: nn.Module,
-        zero_point_stats_input_view_shape_impl: Optional[nn.Module] = None,
-        zero_point_shape: Tuple[int, ...] = (),
-        zero_point_stats_momentum: Optional[float] = 0.1,
+        zero_point_stats_input_view_shape_impl: nn.Module | None = None,
+        zero_point_shape: tuple[int, ...] = (),
+        zero_point_stats_momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
-        view = OverTensorView() if zero_point_stats_input_view_shape_impl is None else zero_point_stats_input_view_shape_impl
+        view = _view(zero_point_stats_input_view_shape_impl)
         self.stats = RuntimeStats(zero_point_stats_impl, view, zero_point_shape, zero_point_stats_momentum)
         self.to_zero_point = LowToZeroPoint(signed, narrow_range)
 
@@ -102,7 +105,7 @@ class ParameterZeroPoint(ScriptModule):
         signed: bool,
         narrow_range: bool,
         zero_point_init: Any = 0.0,
-        zero_point_shape: Optional[Tuple[int, ...]] = None,
+        zero_point_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         init = torch.as_tensor(zero_point_init, dtype=torch.float32).detach().clone()
@@ -126,12 +129,12 @@ class ParameterFromRuntimeStatsZeroPoint(ScriptModule):
         narrow_range: bool,
         collect_stats_steps: int,
         zero_point_stats_impl: nn.Module,
-        zero_point_stats_input_view_shape_impl: Optional[nn.Module] = None,
-        zero_point_shape: Tuple[int, ...] = (),
-        zero_point_stats_momentum: Optional[float] = None,
+        zero_point_stats_input_view_shape_impl: nn.Module | None = None,
+        zero_point_shape: tuple[int, ...] = (),
+        zero_point_stats_momentum: float | None = None,
     ) -> None:
         super().__init__()
-        view = OverTensorView() if zero_point_stats_input_view_shape_impl is None else zero_point_stats_input_view_shape_impl
+        view = _view(zero_point_stats_input_view_shape_impl)
         self.stats = ParameterFromRuntimeStats(
             collect_stats_steps,
             zero_point_stats_impl,

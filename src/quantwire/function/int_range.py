@@ -5,7 +5,6 @@ Narrow range drops one code so that the range is symmetric for signed integers
 (``[-127, 127]`` at 8 bits) and ends one lower for unsigned ones (``[0, 254]``).
 """
 
-
 from torch import Tensor
 
 

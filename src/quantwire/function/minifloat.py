@@ -9,7 +9,6 @@ subnormal ones. Which codes at the top of the exponent range are reserved depend
 * neither: every code is a finite number (OCP E2M1, FP4).
 """
 
-
 import torch
 from torch import Tensor
 
@@ -26,6 +25,10 @@ def minifloat_max_value(
         top_exponent_code -= 1
     elif has_nan:
         top_mantissa_code -= 1
+        if top_mantissa_code < 0:
+            # No mantissa bits: the NaN code is the whole top exponent, the binade below is full.
+            top_exponent_code -= 1
+            top_mantissa_code = 2**mantissa_bit_width - 1
     if top_exponent_code == 0:
         # Only subnormals remain (a format with no room for normal numbers).
         return 2.0 ** (1 - exponent_bias) * top_mantissa_code / 2**mantissa_bit_width

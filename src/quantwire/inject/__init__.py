@@ -8,5 +8,6 @@ This package is the only place that touches the internals of the ``dependencies`
 """
 
 from quantwire.inject._injector import DependencyError, ExtendedInjector, this, value
+from quantwire.inject._introspect import wireable_names
 
-__all__ = ["DependencyError", "ExtendedInjector", "this", "value"]
+__all__ = ["DependencyError", "ExtendedInjector", "this", "value", "wireable_names"]

@@ -22,7 +22,6 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from _dependencies.checks.circles import _check_circles
 from _dependencies.checks.loops import _check_loops
 from _dependencies.exceptions import DependencyError as _LibraryDependencyError
 from _dependencies.injector import _InjectorType
@@ -119,6 +118,28 @@ def _check_declared_name(owner: str, name: str) -> None:
         )
 
 
+def _check_circles(owner: str, dependencies: dict[str, Spec]) -> None:
+    """Refuse constructor / ``@value`` argument cycles. (The library's own check recurses forever,
+    i.e. raises ``RecursionError``, on a cycle that does not pass through the attribute it starts from.)"""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            chain = " -> ".join([*path[path.index(name) :], name])
+            raise DependencyError(f"{owner!r} has a circular dependency: {chain}")
+        spec = dependencies.get(name)
+        if name in done or spec is None or spec[0] is not injectable:
+            return
+        path.append(name)
+        for argument in spec[2]:
+            visit(argument, path)
+        path.pop()
+        done.add(name)
+
+    for name in dependencies:
+        visit(name, [])
+
+
 def _own_specs(klass: type) -> dict[str, Spec]:
     """The specs a class in an injector's MRO declares itself."""
     own = klass.__dict__.get("__own_dependencies__")
@@ -135,8 +156,7 @@ class _ExtendedInjectorType(_InjectorType):
         for base in bases:
             if not issubclass(base, Injector):
                 raise DependencyError(
-                    f"{class_name!r} inherits from {base.__name__!r}: an injector can only "
-                    "inherit from other injectors"
+                    f"{class_name!r} inherits from {base.__name__!r}: an injector can only inherit from other injectors"
                 )
         bookkeeping = {k: v for k, v in namespace.items() if k in _CLASS_BOOKKEEPING}
         declared = {k: v for k, v in namespace.items() if k not in _CLASS_BOOKKEEPING}
@@ -152,9 +172,9 @@ class _ExtendedInjectorType(_InjectorType):
         dependencies.update(own)
         try:
             _check_loops(class_name, dependencies)
-            _check_circles(dependencies)
         except _LibraryDependencyError as error:
             raise DependencyError(f"{class_name!r}: {error}") from None
+        _check_circles(class_name, dependencies)
         type.__setattr__(cls, "__own_dependencies__", own)
         type.__setattr__(cls, "__dependencies__", dependencies)
         return cls
@@ -172,7 +192,10 @@ class _ExtendedInjectorType(_InjectorType):
         )
 
     def __delattr__(cls, attrname: str) -> None:
-        raise DependencyError(f"{cls.__name__!r} can not be modified in place (deleting {attrname!r})")
+        raise DependencyError(
+            f"{cls.__name__!r} can not be modified in place (deleting {attrname!r}); "
+            f"use {cls.__name__}.let(...) to derive a new quantizer"
+        )
 
 
 class _Resolution:
@@ -247,7 +270,8 @@ def _is_raw(spec: Spec) -> bool:
 
 def _let(cls: type, **overrides: Any) -> type:
     """A new injector equal to this one with the given attributes replaced or added."""
-    derived = type(cls)(cls.__name__, (cls,), {"__qualname__": cls.__qualname__, **overrides})
+    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **overrides}
+    derived = type(cls)(cls.__name__, (cls,), namespace)
     type.__setattr__(derived, "__let_base__", cls)
     type.__setattr__(derived, "__let_overrides__", dict(overrides))
     return derived

@@ -1,6 +1,5 @@
 """Rounding and clamping modules: one straight-through estimator each."""
 
-
 from torch import Tensor
 
 from quantwire.function import ste

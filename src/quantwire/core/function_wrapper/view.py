@@ -6,9 +6,6 @@ that broadcasts against the original input. Per-tensor, per-channel, per-token a
 quantization are then the same code with a different view.
 """
 
-
-from typing import List
-
 import torch
 from torch import Tensor
 
@@ -42,7 +39,7 @@ class OverChannelView(ScriptModule):
 
     @script_method
     def restore(self, stats: Tensor, x: Tensor) -> Tensor:
-        shape: List[int] = [1] * x.dim()
+        shape: list[int] = [1] * x.dim()
         dim = self.channel_dim if self.channel_dim >= 0 else self.channel_dim + x.dim()
         shape[dim] = x.shape[dim]
         return stats.reshape(shape)
@@ -61,7 +58,7 @@ class OverTokenView(ScriptModule):
 
     @script_method
     def restore(self, stats: Tensor, x: Tensor) -> Tensor:
-        shape: List[int] = list(x.shape)
+        shape: list[int] = list(x.shape)
         shape[-1] = 1
         return stats.reshape(shape)
 
@@ -75,7 +72,7 @@ class OverBatchOverTensorView(ScriptModule):
 
     @script_method
     def restore(self, stats: Tensor, x: Tensor) -> Tensor:
-        shape: List[int] = [1] * x.dim()
+        shape: list[int] = [1] * x.dim()
         shape[0] = x.shape[0]
         return stats.reshape(shape)
 

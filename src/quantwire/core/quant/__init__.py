@@ -4,7 +4,7 @@ carries (``(value, scale, zero_point, bit_width)``; minifloat: see :class:`Float
 from quantwire.core.quant.binary import BinaryQuant, ClampedBinaryQuant
 from quantwire.core.quant.delay import DelayWrapper
 from quantwire.core.quant.float import FloatQuant, FloatScaling
-from quantwire.core.quant.int import IntQuant, RescalingIntQuant
+from quantwire.core.quant.int import IntQuant, PrescaledIntQuant, RescalingIntQuant
 from quantwire.core.quant.ternary import TernaryQuant
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "FloatQuant",
     "FloatScaling",
     "IntQuant",
+    "PrescaledIntQuant",
     "RescalingIntQuant",
     "TernaryQuant",
 ]

@@ -1,8 +1,5 @@
 """Binary quantization: ``±scale``."""
 
-
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor, nn
 
@@ -27,13 +24,14 @@ class BinaryQuant(ScriptModule):
     def __init__(self, scaling_impl: nn.Module, signed: bool = True, quant_delay_steps: int = 0) -> None:
         super().__init__()
         _check_signed(signed, "BinaryQuant")
+        self.signed = True
         self.scaling_impl = scaling_impl
         self.bit_width = BitWidthConst(1)
         self.zero_point = StatelessBuffer(torch.tensor(0.0))
         self.delay_wrapper = DelayWrapper(quant_delay_steps)
 
     @script_method
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         scale = self.scaling_impl(x)
         y = self.delay_wrapper(x, binary_sign_ste(x) * scale)
         return y, scale, self.zero_point(), self.bit_width()
@@ -47,7 +45,7 @@ class ClampedBinaryQuant(ScriptModule):
         self,
         scaling_impl: nn.Module,
         signed: bool = True,
-        tensor_clamp_impl: Optional[nn.Module] = None,
+        tensor_clamp_impl: nn.Module | None = None,
         quant_delay_steps: int = 0,
     ) -> None:
         super().__init__()
@@ -59,7 +57,7 @@ class ClampedBinaryQuant(ScriptModule):
         self.delay_wrapper = DelayWrapper(quant_delay_steps)
 
     @script_method
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         scale = self.scaling_impl(x)
         clamped = self.tensor_clamp_impl(x, -scale, scale)
         y = self.delay_wrapper(x, binary_sign_ste(clamped) * scale)

@@ -1,8 +1,5 @@
 """Minifloat quantization (FP8 E4M3/E5M2, FP6, FP4 and any custom format)."""
 
-
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +21,7 @@ def default_exponent_bias(exponent_bit_width: int) -> int:
     return 2 ** (int(exponent_bit_width) - 1) - 1
 
 
-def check_minifloat_format(exponent_bit_width: int, mantissa_bit_width: int, signed: bool) -> Tuple[int, int]:
+def check_minifloat_format(exponent_bit_width: int, mantissa_bit_width: int, signed: bool) -> tuple[int, int]:
     """Validated ``(exponent_bit_width, mantissa_bit_width)``; the whole code fits 32 bits."""
     exponent = check_bit_width(exponent_bit_width, "exponent_bit_width")
     if isinstance(mantissa_bit_width, bool) or not isinstance(mantissa_bit_width, int) or mantissa_bit_width < 0:
@@ -53,13 +50,13 @@ class FloatQuant(ScriptModule):
         exponent_bit_width: int,
         mantissa_bit_width: int,
         scaling_impl: nn.Module,
-        exponent_bias: Optional[int] = None,
+        exponent_bias: int | None = None,
         signed: bool = True,
         saturating: bool = True,
         has_inf: bool = False,
         has_nan: bool = True,
-        float_scaling_impl: Optional[nn.Module] = None,
-        float_to_int_impl: Optional[nn.Module] = None,
+        float_scaling_impl: nn.Module | None = None,
+        float_to_int_impl: nn.Module | None = None,
         quant_delay_steps: int = 0,
     ) -> None:
         super().__init__()
@@ -89,7 +86,7 @@ class FloatQuant(ScriptModule):
         return minifloat_saturate(y, self.max_value, self.signed, self.saturating, self.has_inf, self.has_nan)
 
     @script_method
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         scale = self.scaling_impl(x)
         float_scaling_impl = self.float_scaling_impl
         if float_scaling_impl is not None:
@@ -112,7 +109,7 @@ class FloatScaling(ScriptModule):
         self,
         exponent_bit_width: int,
         mantissa_bit_width: int,
-        exponent_bias: Optional[int] = None,
+        exponent_bias: int | None = None,
         signed: bool = True,
         has_inf: bool = False,
         has_nan: bool = True,

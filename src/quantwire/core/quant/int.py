@@ -1,12 +1,11 @@
 """Uniform integer quantization."""
 
-
-from typing import Optional, Tuple
-
+import torch
 from torch import Tensor, nn
 
 from quantwire.core.function_wrapper.ops import RoundSte, TensorClamp
 from quantwire.core.quant.delay import DelayWrapper
+from quantwire.core.utils import StatelessBuffer
 from quantwire.function.int_range import max_int, min_int
 from quantwire.jit import ScriptModule, script_method
 
@@ -24,8 +23,8 @@ class IntQuant(ScriptModule):
         self,
         signed: bool,
         narrow_range: bool = False,
-        float_to_int_impl: Optional[nn.Module] = None,
-        tensor_clamp_impl: Optional[nn.Module] = None,
+        float_to_int_impl: nn.Module | None = None,
+        tensor_clamp_impl: nn.Module | None = None,
         quant_delay_steps: int = 0,
     ) -> None:
         super().__init__()
@@ -72,9 +71,28 @@ class RescalingIntQuant(ScriptModule):
         self.msb_clamp_bit_width_impl = bit_width_impl
 
     @script_method
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         bit_width = self.msb_clamp_bit_width_impl()
         scale = self.scaling_impl(x) / self.int_scaling_impl(bit_width)
         zero_point = self.zero_point_impl(x, scale, bit_width)
+        y = self.int_quant(scale, zero_point, bit_width, x)
+        return y, scale, zero_point, bit_width
+
+
+class PrescaledIntQuant(ScriptModule):
+    """Integer quantization with a scale the caller provides: a bias quantized with
+    ``input_scale * weight_scale``, so that it adds exactly onto the integer accumulator.
+    Returns ``(value, scale, zero_point=0, bit_width)``."""
+
+    def __init__(self, int_quant: nn.Module, bit_width_impl: nn.Module) -> None:
+        super().__init__()
+        self.int_quant = int_quant
+        self.msb_clamp_bit_width_impl = bit_width_impl
+        self.zero_point = StatelessBuffer(torch.tensor(0.0))
+
+    @script_method
+    def forward(self, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        bit_width = self.msb_clamp_bit_width_impl()
+        zero_point = self.zero_point()
         y = self.int_quant(scale, zero_point, bit_width, x)
         return y, scale, zero_point, bit_width

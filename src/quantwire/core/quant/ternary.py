@@ -1,8 +1,5 @@
 """Ternary quantization: ``{-scale, 0, +scale}``."""
 
-
-from typing import Tuple
-
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +23,7 @@ class TernaryQuant(ScriptModule):
         _check_signed(signed, "TernaryQuant")
         if not 0.0 <= float(threshold) <= 1.0:
             raise QuantConfigError(f"TernaryQuant threshold must be in [0, 1], got {threshold!r}")
+        self.signed = True
         self.scaling_impl = scaling_impl
         self.threshold = float(threshold)
         self.bit_width = BitWidthConst(2)
@@ -33,7 +31,7 @@ class TernaryQuant(ScriptModule):
         self.delay_wrapper = DelayWrapper(quant_delay_steps)
 
     @script_method
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         scale = self.scaling_impl(x)
         keep = (torch.abs(x) > self.threshold * scale).to(x.dtype)
         y = self.delay_wrapper(x, keep * ternary_sign_ste(x) * scale)

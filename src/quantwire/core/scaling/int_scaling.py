@@ -1,6 +1,5 @@
 """The divisor from a threshold to a scale, for a given integer range."""
 
-
 from torch import Tensor
 
 from quantwire.function.int_range import int_scaling_divisor, max_int

@@ -1,7 +1,6 @@
 """Scales that do not look at the input: a constant, or a learned parameter."""
 
-
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -11,7 +10,7 @@ from quantwire.errors import QuantConfigError
 from quantwire.jit import ScriptModule, script_method
 
 
-def _initial_scale(scaling_init: Any, scaling_shape: Optional[Tuple[int, ...]]) -> Tensor:
+def _initial_scale(scaling_init: Any, scaling_shape: tuple[int, ...] | None) -> Tensor:
     """``scaling_init`` as a positive tensor of ``scaling_shape`` (broadcast if needed)."""
     init = positive_finite_tensor(scaling_init, "scaling_init")
     if scaling_shape is None:
@@ -31,8 +30,8 @@ class ConstScaling(ScriptModule):
     def __init__(
         self,
         scaling_init: Any,
-        restrict_scaling_impl: Optional[nn.Module] = None,
-        scaling_min_val: Optional[float] = 1e-10,
+        restrict_scaling_impl: nn.Module | None = None,
+        scaling_min_val: float | None = 1e-10,
     ) -> None:
         super().__init__()
         restrict = FloatRestrictValue() if restrict_scaling_impl is None else restrict_scaling_impl
@@ -52,9 +51,9 @@ class ParameterScaling(ScriptModule):
     def __init__(
         self,
         scaling_init: Any,
-        scaling_shape: Optional[Tuple[int, ...]] = None,
-        restrict_scaling_impl: Optional[nn.Module] = None,
-        scaling_min_val: Optional[float] = 1e-10,
+        scaling_shape: tuple[int, ...] | None = None,
+        restrict_scaling_impl: nn.Module | None = None,
+        scaling_min_val: float | None = 1e-10,
     ) -> None:
         super().__init__()
         restrict = FloatRestrictValue() if restrict_scaling_impl is None else restrict_scaling_impl

@@ -1,8 +1,5 @@
 """Scales derived from statistics of the tensor being quantized."""
 
-
-from typing import Optional, Tuple
-
 from torch import Tensor, nn
 
 from quantwire.core.function_wrapper.view import OverTensorView
@@ -11,11 +8,11 @@ from quantwire.core.stats.sources import ParameterFromRuntimeStats, RuntimeStats
 from quantwire.jit import ScriptModule, script_method
 
 
-def _restrict(restrict_scaling_impl: Optional[nn.Module]) -> nn.Module:
+def _restrict(restrict_scaling_impl: nn.Module | None) -> nn.Module:
     return FloatRestrictValue() if restrict_scaling_impl is None else restrict_scaling_impl
 
 
-def _view(view: Optional[nn.Module]) -> nn.Module:
+def _view(view: nn.Module | None) -> nn.Module:
     return OverTensorView() if view is None else view
 
 
@@ -26,9 +23,9 @@ class StatsScaling(ScriptModule):
     def __init__(
         self,
         scaling_stats_impl: nn.Module,
-        scaling_stats_input_view_shape_impl: Optional[nn.Module] = None,
-        restrict_scaling_impl: Optional[nn.Module] = None,
-        scaling_min_val: Optional[float] = 1e-10,
+        scaling_stats_input_view_shape_impl: nn.Module | None = None,
+        restrict_scaling_impl: nn.Module | None = None,
+        scaling_min_val: float | None = 1e-10,
     ) -> None:
         super().__init__()
         restrict = _restrict(restrict_scaling_impl)
@@ -48,11 +45,11 @@ class RuntimeStatsScaling(ScriptModule):
     def __init__(
         self,
         scaling_stats_impl: nn.Module,
-        scaling_stats_input_view_shape_impl: Optional[nn.Module] = None,
-        scaling_shape: Tuple[int, ...] = (),
-        scaling_stats_momentum: Optional[float] = 0.1,
-        restrict_scaling_impl: Optional[nn.Module] = None,
-        scaling_min_val: Optional[float] = 1e-10,
+        scaling_stats_input_view_shape_impl: nn.Module | None = None,
+        scaling_shape: tuple[int, ...] = (),
+        scaling_stats_momentum: float | None = 0.1,
+        restrict_scaling_impl: nn.Module | None = None,
+        scaling_min_val: float | None = 1e-10,
     ) -> None:
         super().__init__()
         restrict = _restrict(restrict_scaling_impl)
@@ -78,11 +75,11 @@ class ParameterFromRuntimeStatsScaling(ScriptModule):
         self,
         collect_stats_steps: int,
         scaling_stats_impl: nn.Module,
-        scaling_stats_input_view_shape_impl: Optional[nn.Module] = None,
-        scaling_shape: Tuple[int, ...] = (),
-        scaling_stats_momentum: Optional[float] = None,
-        restrict_scaling_impl: Optional[nn.Module] = None,
-        scaling_min_val: Optional[float] = 1e-10,
+        scaling_stats_input_view_shape_impl: nn.Module | None = None,
+        scaling_shape: tuple[int, ...] = (),
+        scaling_stats_momentum: float | None = None,
+        restrict_scaling_impl: nn.Module | None = None,
+        scaling_min_val: float | None = 1e-10,
     ) -> None:
         super().__init__()
         restrict = _restrict(restrict_scaling_impl)

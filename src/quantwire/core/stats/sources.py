@@ -1,9 +1,6 @@
 """Where a statistic comes from: computed on every call, tracked at run time, or collected and
 then learned. Scaling and zero-point modules are thin compositions of these."""
 
-
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor, nn
 
@@ -27,8 +24,6 @@ class TensorStats(ScriptModule):
 
 
 class RuntimeStats(StepCounterState, ScriptModule):
-    momentum: Optional[float]
-
     """Statistics of activations tracked in training and frozen in eval.
 
     In training each call computes the statistic of the batch, folds it into a running buffer
@@ -39,24 +34,29 @@ class RuntimeStats(StepCounterState, ScriptModule):
     channel of an NCHW activation).
     """
 
+    set_counter = script_method(StepCounterState.set_counter)
+    pull_counter = script_method(StepCounterState.pull_counter)
+
+    momentum: float | None
+
     def __init__(
         self,
         stats_impl: nn.Module,
         stats_input_view_shape_impl: nn.Module,
-        stats_shape: Tuple[int, ...] = (),
-        momentum: Optional[float] = 0.1,
+        stats_shape: tuple[int, ...] = (),
+        momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
         if momentum is not None and not 0.0 < float(momentum) <= 1.0:
             raise QuantConfigError(f"momentum must be in (0, 1] or None, got {momentum!r}")
         self.stats = TensorStats(stats_impl, stats_input_view_shape_impl)
         self.momentum = None if momentum is None else float(momentum)
-        self.counter = 0
         self.register_buffer("running", torch.zeros(check_shape(stats_shape, "stats_shape")))
 
     @script_method
     def update(self, x: Tensor) -> Tensor:
         """Fold the statistic of ``x`` into the running buffer and return it."""
+        self.pull_counter()
         stats = self.stats(x)
         new = stats.detach().reshape(self.running.shape)
         momentum = self.momentum
@@ -66,16 +66,55 @@ class RuntimeStats(StepCounterState, ScriptModule):
             self.running.add_((new - self.running) / (self.counter + 1))
         else:
             self.running.mul_(1.0 - momentum).add_(new * momentum)
-        self.counter = self.counter + 1
+        self.set_counter(self.counter + 1)
         return stats
 
     @script_method
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if torch.compiler.is_compiling():
+                return self.compiled_forward(x)
         if self.training:
             return self.update(x)
+        self.pull_counter()
         if self.counter == 0:
             return self.stats(x)
         return self.running
+
+    # torch.compile: the same results, counted in ``counter_mirror`` (see StepCounterState), so
+    # that the graph depends on no Python int that changes per step.
+
+    @torch.jit.unused
+    def compiled_forward(self, x: Tensor) -> Tensor:
+        return self.compiled_update(x) if self.training else self.compiled_frozen(x)
+
+    @torch.jit.unused
+    def compiled_update(self, x: Tensor, active: Tensor | None = None) -> Tensor:
+        """:meth:`update`, folding and counting only where ``active`` (a bool tensor) is true."""
+        stats = self.stats(x)
+        new = stats.detach().reshape(self.running.shape)
+        count = self.counter_mirror()
+        if self.momentum is None:
+            folded = self.running + (new - self.running) / (count + 1).to(self.running.dtype)
+        else:
+            folded = self.running * (1.0 - self.momentum) + new * self.momentum
+        if not self.counter_started:
+            folded = torch.where(count == 0, new, folded)
+        if active is not None:
+            folded = torch.where(active, folded, self.running)
+        increment = torch.ones_like(count) if active is None else active.to(count.dtype)
+        self.running.copy_(folded)
+        self.counter_mirror.value.add_(increment)
+        self.counter_in_mirror = True
+        return stats
+
+    @torch.jit.unused
+    def compiled_frozen(self, x: Tensor) -> Tensor:
+        """The eval branch of :meth:`forward`."""
+        if self.counter_started:
+            return self.running
+        stats = self.stats(x)
+        return torch.where(self.counter_mirror() == 0, stats, self.running.reshape(stats.shape))
 
 
 class ParameterFromRuntimeStats(ScriptModule):
@@ -94,23 +133,29 @@ class ParameterFromRuntimeStats(ScriptModule):
         stats_impl: nn.Module,
         stats_input_view_shape_impl: nn.Module,
         restrict_value_impl: nn.Module,
-        stats_shape: Tuple[int, ...] = (),
-        momentum: Optional[float] = None,
+        stats_shape: tuple[int, ...] = (),
+        momentum: float | None = None,
     ) -> None:
         super().__init__()
         if int(collect_stats_steps) < 1:
             raise QuantConfigError(f"collect_stats_steps must be at least 1, got {collect_stats_steps!r}")
         self.collect_stats_steps = int(collect_stats_steps)
         self.runtime_stats = RuntimeStats(stats_impl, stats_input_view_shape_impl, stats_shape, momentum)
+        self.runtime_stats.set_counter_limit(self.collect_stats_steps)
         self.restrict_value_impl = restrict_value_impl
         self.value = nn.Parameter(torch.zeros(check_shape(stats_shape, "stats_shape")))
 
     def is_collecting(self) -> bool:
         """Whether statistics are still being collected (the parameter is not yet in use)."""
+        self.runtime_stats.sync_counter()
         return self.runtime_stats.counter < self.collect_stats_steps
 
     @script_method
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if torch.compiler.is_compiling():
+                return self.compiled_forward(x)
+        self.runtime_stats.pull_counter()
         counter = self.runtime_stats.counter
         if counter < self.collect_stats_steps:
             if not self.training:
@@ -120,3 +165,25 @@ class ParameterFromRuntimeStats(ScriptModule):
                 self.value.detach().copy_(self.restrict_value_impl.restrict_init_tensor(self.runtime_stats.running))
             return self.restrict_value_impl.restrict_init_tensor(stats)
         return self.value
+
+    @torch.jit.unused
+    def compiled_forward(self, x: Tensor) -> Tensor:
+        """:meth:`forward` under ``torch.compile``, without branching on the step count: while
+        collecting, both phases are computed and ``torch.where`` picks one (so the parameter gets
+        a zero gradient where eager code leaves it at ``None``). Once the host knows collection
+        is over (``counter_limit_reached``, set on the next eager call, ``train()``/``eval()`` or
+        ``state_dict()``), the graph is the parameter alone, as in eager mode."""
+        source = self.runtime_stats
+        if source.counter_limit_reached:
+            return self.value
+        count = source.counter_mirror()
+        collecting = count < self.collect_stats_steps
+        if self.training:
+            finishing = count == self.collect_stats_steps - 1
+            stats = source.compiled_update(x, collecting)
+            collected = self.restrict_value_impl.restrict_init_tensor(source.running)
+            self.value.detach().copy_(torch.where(finishing, collected, self.value.detach()))
+        else:
+            stats = source.compiled_frozen(x)
+        domain_stats = self.restrict_value_impl.restrict_init_tensor(stats)
+        return torch.where(collecting, domain_stats, self.value.reshape(domain_stats.shape))

@@ -4,7 +4,6 @@ Views (:mod:`quantwire.core.function_wrapper.view`) produce the matrix; these mo
 reduce it, so each one works per tensor, per channel, per token and per group alike.
 """
 
-
 import torch
 from torch import Tensor
 
@@ -20,11 +19,19 @@ def _check_percentile(q: float, name: str) -> float:
 
 
 def _kth_smallest(x: Tensor, q: float) -> Tensor:
-    """The ``q``-th percentile of each row (nearest rank), as ``(rows, 1)``."""
+    """The ``q``-th percentile of each row (nearest rank), as ``(rows, 1)``.
+
+    Extreme percentiles (the usual 99.999th) select from the short tail with ``topk``, several
+    times faster on CPU than ``kthvalue`` over a whole activation, and exactly the same value.
+    """
     n = x.shape[-1]
     k = int(q * 0.01 * n + 0.5)
     k = min(max(k, 1), n)
-    return torch.kthvalue(x, k, dim=-1, keepdim=True).values
+    if k > n // 2:
+        tail = torch.topk(x, n - k + 1, dim=-1, largest=True, sorted=False).values
+        return torch.amin(tail, dim=-1, keepdim=True)
+    head = torch.topk(x, k, dim=-1, largest=False, sorted=False).values
+    return torch.amax(head, dim=-1, keepdim=True)
 
 
 class AbsMax(ScriptModule):
