@@ -1,0 +1,149 @@
+"""The part every proxy shares: building, tracking, rebuilding and describing its quantizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantwire import config
+from quantwire.errors import QuantConfigError, QuantwireError
+from quantwire.inject import DependencyError
+from quantwire.quant_tensor import FloatQuantTensor, IntQuantTensor, QuantTensor
+
+
+def _forgive_missing_quantizer_keys(proxy: QuantProxyFromInjector, incompatible_keys: Any) -> None:
+    """Post-load hook: with ``config.IGNORE_MISSING_KEYS``, a float checkpoint that lacks this
+    proxy's quantizer state is accepted (the quantizer keeps what it was rebuilt with)."""
+    if config.IGNORE_MISSING_KEYS:
+        prefix = proxy._load_prefix + "tensor_quant."
+        missing = incompatible_keys.missing_keys
+        missing[:] = [key for key in missing if not key.startswith(prefix)]
+
+
+class QuantProxyFromInjector(nn.Module):
+    """Owns the ``tensor_quant`` built from ``quant_injector`` for the layers it tracks.
+
+    ``module`` is injected as the single tracked layer, or a tuple of them when the proxy is
+    shared (``weight_quant=other_layer.weight_quant``). The quantizer is rebuilt when a layer
+    joins, when a ``state_dict`` is loaded (after the layer's own tensors, before the
+    quantizer's: a loaded learned scale wins over the rebuilt one) and by
+    :meth:`init_tensor_quant`. ``disable_quant = True`` turns the proxy into a pass-through.
+    """
+
+    def __init__(self, quant_layer: nn.Module, quant_injector: type, role: str = "quant") -> None:
+        super().__init__()
+        self.quant_injector = quant_injector
+        self.role = role
+        self.tracked_module_list: list[nn.Module] = []
+        self.disable_quant = False
+        self._signed: bool | None = None
+        self._load_prefix = ""
+        self.register_load_state_dict_post_hook(_forgive_missing_quantizer_keys)
+        self.add_tracked_module(quant_layer)
+
+    # -- building ---------------------------------------------------------------------------
+
+    def add_tracked_module(self, module: nn.Module) -> None:
+        """Start quantizing for ``module`` too, and rebuild the quantizer for all tracked layers."""
+        if module is None:
+            raise QuantConfigError(f"{self.describe()}: can not track None as a layer")
+        if not any(tracked is module for tracked in self.tracked_module_list):
+            self.tracked_module_list.append(module)
+        self.init_tensor_quant()
+
+    def injected_module(self) -> nn.Module | tuple[nn.Module, ...]:
+        """What the quantizer sees as ``module``: the tracked layer, or a tuple when shared."""
+        if len(self.tracked_module_list) == 1:
+            return self.tracked_module_list[0]
+        return tuple(self.tracked_module_list)
+
+    def init_tensor_quant(self) -> None:
+        """Build ``tensor_quant`` (again) from the declaration and the tracked layers."""
+        injector = self.quant_injector.let(module=self.injected_module())
+        try:
+            self.tensor_quant = injector.tensor_quant
+            signed = injector.signed if "signed" in injector else getattr(self.tensor_quant, "signed", None)
+        except (DependencyError, QuantwireError) as error:
+            raise type(error)(f"{self.describe()}: {error}") from error
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise QuantConfigError(f"{self.describe()}: {error}") from error
+        self._signed = None if signed is None else bool(signed)
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget anything computed from the previous quantizer or weights (subclasses cache)."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._load_prefix = prefix
+        self.init_tensor_quant()
+
+    # -- describing ---------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """``QuantConv2d.weight_quant=Int8WeightPerTensorFloat``: for error messages."""
+        layers = "+".join(type(layer).__name__ for layer in self.tracked_module_list) or "unattached"
+        return f"{layers}.{self.role}={self.quant_injector.__name__}"
+
+    @property
+    def is_quant_enabled(self) -> bool:
+        return not self.disable_quant
+
+    @property
+    def signed(self) -> bool | None:
+        """Whether the quantized values are signed (``None`` if the quantizer does not say)."""
+        return self._signed
+
+    def extra_repr(self) -> str:
+        return f"quant_injector={self.quant_injector.__name__}, quant_enabled={self.is_quant_enabled}"
+
+    # -- results ------------------------------------------------------------------------------
+
+    def to_quant_tensor(self, outputs: tuple[Tensor, ...]) -> QuantTensor:
+        """The core module's output tuple as an Int- or FloatQuantTensor."""
+        if self._signed is None:
+            raise QuantConfigError(
+                f"{self.describe()}: the quantizer does not say whether its values are signed; "
+                "declare `signed = True` or `signed = False` on it (or pass it as a keyword argument)"
+            )
+        if len(outputs) == 4:
+            value, scale, zero_point, bit_width = outputs
+            return IntQuantTensor(value, scale, zero_point, bit_width, self._signed, self.training)
+        value, scale, zero_point, exponent_bit_width, mantissa_bit_width, exponent_bias = outputs
+        tensor_quant = self.tensor_quant
+        return FloatQuantTensor(
+            value,
+            scale,
+            zero_point,
+            exponent_bit_width,
+            mantissa_bit_width,
+            exponent_bias,
+            saturating=tensor_quant.saturating,
+            has_inf=tensor_quant.has_inf,
+            has_nan=tensor_quant.has_nan,
+            signed=self._signed,
+            training=self.training,
+        )
+
+
+def plain_value(x: Tensor | QuantTensor) -> Tensor:
+    """The float tensor behind ``x``."""
+    return x.value if isinstance(x, QuantTensor) else x
+
+
+def is_frozen_context(module: nn.Module) -> bool:
+    """Eval mode without autograd and outside ``torch.compile``: results may be cached."""
+    return not module.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
