@@ -1,15 +1,18 @@
 """Straight-through estimators (STE).
 
 Each ``*_ste`` function computes a non-differentiable operation in the forward pass and lets
-the gradient through in the backward pass as the estimator defines it. They are written as
-``forward.detach() - (x.detach() - x)``, with that difference taken as 0 where ``x`` is
-infinite: the forward value is exactly the operation's result, bit for bit (``x.detach() - x``
-is an exact ``+0.0`` for finite ``x``, and subtracting it keeps the sign of a ``-0.0`` result,
-which adding it would not; the ``inf - inf`` of an infinite ``x`` would be NaN), a NaN ``x``
-stays NaN, the gradient with respect to ``x`` is exactly the identity (0 at infinities), and
-the code stays scriptable by TorchScript and traceable by ``torch.compile`` without custom
-autograd functions.
+the gradient through in the backward pass as the estimator defines it.
+
+In eager mode and under ``torch.compile`` they are one small autograd function each: the
+forward is exactly the operation (bit for bit, signed zeros and infinities included) and the
+backward hands the incoming gradient through unchanged, at no extra cost per element.
+TorchScript cannot compile autograd functions, so when scripted they are written as
+``forward.detach() - (x.detach() - x)`` instead, with that difference taken as 0 where ``x`` is
+infinite (``inf - inf`` would be NaN): the same forward value, the identity gradient for finite
+``x`` (0 at infinities, where the eager gradient is 1).
 """
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,24 +28,66 @@ def _pass_through(forward: Tensor, x: Tensor) -> Tensor:
     return forward.detach() - _zero_with_identity_gradient(x)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``torch.<op>(x)`` forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, op: str) -> Tensor:
+        return getattr(torch, op)(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+@torch.jit.unused
+def _straight_through(x: Tensor, op: str) -> Tensor:
+    return _StraightThrough.apply(x, op)
+
+
+class _ClampStraightThrough(torch.autograd.Function):
+    """``torch.clamp(x, min, max)`` forward, identity backward to ``x`` (none to the bounds)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
+        return torch.clamp(x, min_val, max_val)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
+
+
+@torch.jit.unused
+def _clamp_straight_through(x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
+    return _ClampStraightThrough.apply(x, min_val, max_val)
+
+
 def round_ste(x: Tensor) -> Tensor:
     """Round half to even; gradient 1."""
-    return _pass_through(torch.round(x), x)
+    if torch.jit.is_scripting():
+        return _pass_through(torch.round(x), x)
+    return _straight_through(x, "round")
 
 
 def floor_ste(x: Tensor) -> Tensor:
     """Floor; gradient 1."""
-    return _pass_through(torch.floor(x), x)
+    if torch.jit.is_scripting():
+        return _pass_through(torch.floor(x), x)
+    return _straight_through(x, "floor")
 
 
 def ceil_ste(x: Tensor) -> Tensor:
     """Ceil; gradient 1."""
-    return _pass_through(torch.ceil(x), x)
+    if torch.jit.is_scripting():
+        return _pass_through(torch.ceil(x), x)
+    return _straight_through(x, "ceil")
 
 
 def round_to_zero_ste(x: Tensor) -> Tensor:
     """Truncate towards zero; gradient 1."""
-    return _pass_through(torch.trunc(x), x)
+    if torch.jit.is_scripting():
+        return _pass_through(torch.trunc(x), x)
+    return _straight_through(x, "trunc")
 
 
 def stochastic_round_ste(x: Tensor) -> Tensor:
@@ -68,17 +113,52 @@ def binary_sign_ste(x: Tensor) -> Tensor:
 
 def ternary_sign_ste(x: Tensor) -> Tensor:
     """``torch.sign`` (values in ``{-1, 0, 1}``); gradient 1."""
+    # torch.sign maps NaN to 0; the pass-through keeps a NaN input visible.
     return _pass_through(torch.sign(x), x)
 
 
+class _TensorClamp(torch.autograd.Function):
+    """``torch.clamp`` whose gradient is exactly 1 inside the closed range (``torch.clamp``
+    splits it at a bound), 0 outside, and goes to a bound where that bound clamps."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
+        ctx.save_for_backward(x, min_val, max_val)
+        return torch.clamp(x, min_val, max_val)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, min_val, max_val = ctx.saved_tensors
+        below, above = x < min_val, x > max_val
+        grad_x = grad.masked_fill(below | above, 0.0) if ctx.needs_input_grad[0] else None
+        grad_min = _sum_to(grad * below, min_val) if ctx.needs_input_grad[1] else None
+        grad_max = _sum_to(grad * above, max_val) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_min, grad_max
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` summed over the dimensions ``like`` was broadcast along."""
+    return grad.sum_to_size(like.shape) if like.dim() else grad.sum()
+
+
+@torch.jit.unused
+def _tensor_clamp_eager(x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
+    return _TensorClamp.apply(x, min_val, max_val)
+
+
 def tensor_clamp(x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
-    """Clamp to broadcastable tensor bounds; gradient 1 inside the bounds, 0 outside."""
-    return torch.where(x > max_val, max_val, torch.where(x < min_val, min_val, x))
+    """Clamp to broadcastable tensor bounds; gradient 1 inside the bounds, 0 outside (and to
+    a bound where it clamps, so a learned clipping range gets its gradient)."""
+    if torch.jit.is_scripting():
+        return torch.where(x > max_val, max_val, torch.where(x < min_val, min_val, x))
+    return _tensor_clamp_eager(x, min_val, max_val)
 
 
 def tensor_clamp_ste(x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
     """Clamp to broadcastable tensor bounds; gradient 1 everywhere."""
-    return _pass_through(tensor_clamp(x, min_val, max_val), x)
+    if torch.jit.is_scripting():
+        return _pass_through(tensor_clamp(x, min_val, max_val), x)
+    return _clamp_straight_through(x, min_val, max_val)
 
 
 def scalar_clamp_ste(x: Tensor, min_val: float, max_val: float) -> Tensor:
