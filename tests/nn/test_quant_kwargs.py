@@ -335,3 +335,21 @@ def test_act_quantizer_proxy_class_is_used_for_activation_layers() -> None:
     layer = QuantIdentity(act_quant=Int8ActPerTensorFloat)
     assert type(layer.act_quant) is ActQuantProxyFromInjector
     assert layer.act_quant.quant_injector.__name__ == "Int8ActPerTensorFloat"
+
+
+@pytest.mark.parametrize(
+    ("role", "quant", "kind"),
+    [
+        ("weight_quant", "Int8ActPerTensorFloat", "an activation quantizer"),
+        ("input_quant", "Int8WeightPerTensorFloat", "a weight quantizer"),
+        ("bias_quant", "Int8WeightPerTensorFloat", "a weight quantizer"),
+        ("weight_quant", "Int32Bias", "a bias quantizer"),
+    ],
+)
+def test_a_quantizer_of_the_wrong_kind_is_refused(role, quant, kind):
+    import quantwire.quant as catalogue
+    from quantwire.errors import QuantConfigError
+    from quantwire.nn import QuantLinear
+
+    with pytest.raises(QuantConfigError, match=f"{role}={quant} is {kind}"):
+        QuantLinear(4, 4, **{role: getattr(catalogue, quant)})

@@ -107,8 +107,8 @@ WEIGHT_LAYERS: dict[str, tuple[Callable[..., nn.Module], Callable[[], Tensor]]] 
     "QuantConv1d": (lambda **kw: QuantConv1d(64, 8, 3, **kw), lambda: torch.randn(2, 64, 7)),
     "QuantConv2d": (lambda **kw: QuantConv2d(64, 8, 3, **kw), lambda: torch.randn(2, 64, 5, 5)),
     "QuantConv3d": (lambda **kw: QuantConv3d(64, 8, 2, **kw), lambda: torch.randn(1, 64, 3, 3, 3)),
-    "QuantConvTranspose1d": (lambda **kw: QuantConvTranspose1d(8, 64, 3, **kw), lambda: torch.randn(2, 8, 5)),
-    "QuantConvTranspose2d": (lambda **kw: QuantConvTranspose2d(8, 64, 3, **kw), lambda: torch.randn(2, 8, 4, 4)),
+    "QuantConvTranspose1d": (lambda **kw: QuantConvTranspose1d(64, 8, 3, **kw), lambda: torch.randn(2, 64, 5)),
+    "QuantConvTranspose2d": (lambda **kw: QuantConvTranspose2d(64, 8, 3, **kw), lambda: torch.randn(2, 64, 4, 4)),
     "QuantEmbedding": (lambda **kw: QuantEmbedding(10, 64, **kw), lambda: torch.tensor([[0, 3, 9], [3, 3, 1]])),
     "QuantLayerNorm": (lambda **kw: QuantLayerNorm(64, **kw), lambda: torch.randn(3, 64)),
 }
@@ -182,7 +182,7 @@ def test_weight_quantizer_on_layer(name: str, layer_name: str) -> None:
         codes = quant.int().double().abs()
         top = 2 ** (declared_bit_width(name) - 1) - 1
         if "PerGroup" in name:
-            groups = torch.movedim(codes, 1, -1).reshape(-1, 32)
+            groups = torch.movedim(codes, layer.input_channel_dim, -1).reshape(-1, 32)
             assert bool((groups.amax(dim=1) == top).all())
         elif name in FIXED_POINT:
             # The power-of-two scale covers the abs-max: it lands in the upper half of the codes.

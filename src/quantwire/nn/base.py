@@ -17,6 +17,10 @@ class QuantLayer(nn.Module):
     """What every quant layer shares: attaching quantizers and returning QuantTensors on request."""
 
     return_quant_tensor: bool
+    # Where a layer's weight keeps its output and input channels (per-channel and per-group
+    # quantizers read these); transposed convolutions swap them.
+    output_channel_dim = 0
+    input_channel_dim = 1
 
     def _attach_quantizers(self, quantizers: dict[str, tuple[str, QuantSpec]], kwargs: dict[str, Any]) -> None:
         """Build each ``role`` proxy from ``quantizers`` (prefix -> (role, quantizer)) and route
@@ -58,7 +62,6 @@ class QuantWBIOL(QuantLayer):
     ``output_feature_dim`` in the output) and how many products each output sums (``fan_in``).
     """
 
-    output_channel_dim = 0
     output_feature_dim = 1
 
     def _init_quant(

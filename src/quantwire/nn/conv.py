@@ -77,6 +77,7 @@ class _QuantConvTranspose(_QuantConvNd):
     """Transposed convolutions: output channels are dim 1 of the weight (per group)."""
 
     output_channel_dim = 1
+    input_channel_dim = 0
 
     @property
     def fan_in(self) -> int:

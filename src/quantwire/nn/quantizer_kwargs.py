@@ -11,7 +11,12 @@ from torch import nn
 
 from quantwire.errors import QuantConfigError
 from quantwire.inject import ExtendedInjector, wireable_names
-from quantwire.proxy import QuantProxyFromInjector
+from quantwire.proxy import (
+    ActQuantProxyFromInjector,
+    BiasQuantProxyFromInjector,
+    QuantProxyFromInjector,
+    WeightQuantProxyFromInjector,
+)
 
 QuantSpec = type[ExtendedInjector] | QuantProxyFromInjector | None
 
@@ -93,4 +98,33 @@ def configured_injector(
             f"{type(layer).__name__}: {role}={quant.__name__} declares no proxy_class; "
             "add e.g. `proxy_class = WeightQuantProxyFromInjector` to it"
         )
+    _check_proxy_kind(layer, role, quant, injector.proxy_class)
     return injector
+
+
+_PROXY_KINDS = {
+    WeightQuantProxyFromInjector: "a weight quantizer",
+    BiasQuantProxyFromInjector: "a bias quantizer",
+    ActQuantProxyFromInjector: "an activation quantizer",
+}
+
+
+def _expected_proxy_kind(role: str) -> type[QuantProxyFromInjector]:
+    """Which kind of quantizer a role takes: ``*weight_quant``, ``*bias_quant``, else activations."""
+    if role.endswith("weight_quant"):
+        return WeightQuantProxyFromInjector
+    if role.endswith("bias_quant"):
+        return BiasQuantProxyFromInjector
+    return ActQuantProxyFromInjector
+
+
+def _check_proxy_kind(layer: nn.Module, role: str, quant: Any, proxy_class: Any) -> None:
+    """Refuse e.g. an activation quantizer passed as ``weight_quant`` (it would quietly collect
+    activation statistics on the weight)."""
+    expected = _expected_proxy_kind(role)
+    for kind, description in _PROXY_KINDS.items():
+        if inspect.isclass(proxy_class) and issubclass(proxy_class, kind) and kind is not expected:
+            raise QuantConfigError(
+                f"{type(layer).__name__}: {role}={quant.__name__} is {description} "
+                f"(proxy_class={proxy_class.__name__}); {role} takes {_PROXY_KINDS[expected]}"
+            )

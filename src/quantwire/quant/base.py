@@ -158,13 +158,18 @@ class DynamicPerTokenScaling(ExtendedInjector):
 
 
 class PerGroupScaling(ExtendedInjector):
-    """Abs-max of each block of ``group_size`` input channels (weight dim 1) of every output channel."""
+    """Abs-max of each block of ``group_size`` input channels of every output channel (the
+    layer's ``input_channel_dim`` of the weight: 1 for Linear and Conv, 0 for ConvTranspose)."""
 
     scaling_impl = StatsScaling
     scaling_stats_impl = AbsMax
     scaling_stats_input_view_shape_impl = OverGroupView
     group_size = 32
-    group_dim = 1
+
+    @value
+    def group_dim(module):
+        layer = module[0] if isinstance(module, tuple) else module
+        return getattr(layer, "input_channel_dim", 1)
 
 
 class MinMaxInitScaling(ExtendedInjector):
