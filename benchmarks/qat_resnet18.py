@@ -7,7 +7,8 @@ W8A8 here: every Conv2d/Linear becomes its quantwire twin with 8-bit per-channel
     python benchmarks/qat_resnet18.py [--threads 2] [--steps 10] [--batch 16] [--size 64]
 
 Prints median milliseconds and quantized/float ratios for: a QAT step (forward, backward,
-SGD step) in training mode, and an eval forward under ``torch.no_grad`` (cached weights).
+SGD step) in training mode, and an eval forward under ``torch.no_grad`` with the quantized
+weights cached, and without the cache (weights re-quantized on every call).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torchvision
 from torch import nn
 
 from quantwire.nn import QuantConv2d, QuantLinear
+from quantwire.proxy import WeightQuantProxyFromInjector
 from quantwire.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 
@@ -74,6 +76,13 @@ def eval_forward(model: nn.Module, images: torch.Tensor) -> Callable[[], object]
     return step
 
 
+def set_weight_cache(model: nn.Module, enabled: bool) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, WeightQuantProxyFromInjector):
+            module.cache_inference_quant_weight = enabled
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -90,7 +99,8 @@ def main() -> None:
     rows = []
     for label, make in (
         ("QAT step (train)", lambda m: qat_step(m.train(), images, labels)),
-        ("eval forward (no_grad)", lambda m: eval_forward(m.eval(), images)),
+        ("eval, cached weights", lambda m: eval_forward(set_weight_cache(m.eval(), True), images)),
+        ("eval, no weight cache", lambda m: eval_forward(set_weight_cache(m.eval(), False), images)),
     ):
         float_ms = median_ms(make(float_model), args.steps)
         quant_ms = median_ms(make(quant_model), args.steps)

@@ -440,6 +440,15 @@ def test_eval_without_grad_quantizes_the_weight_once(cached_layer: Any) -> None:
     assert torch.equal(first, second) and torch.equal(first, fresh_output(layer, x))
 
 
+def test_the_cache_can_be_turned_off(cached_layer: Any) -> None:
+    layer, counter, x = cached_layer
+    layer.weight_quant.cache_inference_quant_weight = False
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    assert counter.calls == 2
+    assert torch.equal(first, second)
+
+
 def test_the_cache_is_never_used_with_grad_enabled(cached_layer: Any) -> None:
     layer, counter, x = cached_layer
     with torch.no_grad():

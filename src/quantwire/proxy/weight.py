@@ -22,6 +22,7 @@ class WeightQuantProxyFromInjector(QuantProxyFromInjector):
         self, quant_layer: nn.Module, quant_injector: type, role: str = "weight_quant", weight_name: str = "weight"
     ) -> None:
         self.weight_name = weight_name
+        self.cache_inference_quant_weight = True
         self._cache_key: tuple | None = None
         self._cache: tuple[Tensor, ...] | None = None
         super().__init__(quant_layer, quant_injector, role)
@@ -44,7 +45,7 @@ class WeightQuantProxyFromInjector(QuantProxyFromInjector):
         return weight
 
     def _quantize(self, weight: Tensor) -> tuple[Tensor, ...]:
-        if not is_frozen_context(self):
+        if not (self.cache_inference_quant_weight and is_frozen_context(self)):
             return self.tensor_quant(weight)
         tensors = (*self.tensor_quant.parameters(), *self.tensor_quant.buffers())
         quantizer_state = tuple((t.data_ptr(), t._version) for t in tensors)
