@@ -618,3 +618,14 @@ def test_a_shared_proxy_names_every_layer_it_serves() -> None:
     linear = QuantLinear(4, 4, weight_quant=first.weight_quant)
     assert first.weight_quant.describe() == "QuantConv2d+QuantLinear.weight_quant=BinaryWeightQuantizer"
     assert linear.weight_quant is first.weight_quant
+
+
+def test_a_rebuild_follows_the_layer_dtype() -> None:
+    from quantwire.nn import QuantLinear
+    from quantwire.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+
+    layer = QuantLinear(4, 3, weight_quant=Int8WeightPerChannelFloat, input_quant=Int8ActPerTensorFloat).double()
+    layer.load_state_dict(layer.state_dict())  # rebuilds every quantizer after the move
+    for proxy in (layer.weight_quant, layer.input_quant):
+        assert all(t.dtype == torch.float64 for t in proxy.tensor_quant.parameters())
+    assert layer(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64

@@ -92,7 +92,8 @@ class StepCounterState:
         self.pull_counter()
 
     def train(self, mode: bool = True) -> Any:
-        self.sync_counter()
+        if mode != self.training:
+            self.sync_counter()  # a phase change: the next compiled graph sees current flags
         return super().train(mode)
 
     def get_extra_state(self) -> Tensor:

@@ -58,14 +58,15 @@ def minifloat_saturate(
 
     Saturating formats clamp to ``±max_value`` (gradient 0 outside). Non-saturating ones map an
     overflow to ``±inf`` when the format has infinities, else to NaN when it has NaN, and clamp
-    when it has neither (there is nothing else to map to). Unsigned formats clamp negatives to 0.
+    when it has neither (there is nothing else to map to). Unsigned formats map negatives (and -0.0) to +0.0.
     """
+    if not signed:
+        # Unsigned formats have no sign bit: negatives and -0.0 become +0.0.
+        x = torch.where(x <= 0, torch.zeros_like(x), x)
     upper = torch.full_like(x, max_value)
     lower = -upper if signed else torch.zeros_like(x)
     if saturating or not (has_inf or has_nan):
         return tensor_clamp(x, lower, upper)
-    if not signed:
-        x = torch.where(x < 0, torch.zeros_like(x), x)
     overflow = torch.abs(x) > max_value
     if has_inf:
         special = torch.where(x > 0, torch.full_like(x, float("inf")), torch.full_like(x, float("-inf")))

@@ -156,8 +156,18 @@ class QuantMultiheadAttention(QuantLayer, nn.MultiheadAttention):
         **kwargs: Any,
     ) -> None:
         nn.MultiheadAttention.__init__(
-            self, embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
-            device, dtype,
+            self,
+            embed_dim,
+            num_heads,
+            dropout,
+            bias,
+            add_bias_kv,
+            add_zero_attn,
+            kdim,
+            vdim,
+            batch_first,
+            device,
+            dtype,
         )
         if return_quant_tensor:
             raise QuantConfigError("QuantMultiheadAttention returns float tensors; quantize its output downstream")
@@ -200,7 +210,9 @@ class QuantMultiheadAttention(QuantLayer, nn.MultiheadAttention):
 
     def _attach_in_proj(self, roles: dict[str, tuple[str, QuantSpec]], routed: dict[str, dict[str, Any]]) -> None:
         """Input-projection quantizers: one weight proxy per projection weight this layer has."""
-        weight_names = ["in_proj_weight"] if self._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        weight_names = (
+            ["in_proj_weight"] if self._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        )
         self.in_proj_weight_quants = nn.ModuleDict()
         weight_quant = roles["in_proj_weight_"][1]
         for name in weight_names:
@@ -212,9 +224,15 @@ class QuantMultiheadAttention(QuantLayer, nn.MultiheadAttention):
             )
             if not issubclass(injector.proxy_class, WeightQuantProxyFromInjector):
                 raise QuantConfigError("QuantMultiheadAttention: in_proj_weight_quant must be a weight quantizer")
-            self.in_proj_weight_quants[name] = injector.proxy_class(self, injector, role=name + "_quant", weight_name=name)
-        self.in_proj_input_quant = build_proxy(self, "in_proj_input_quant", roles["in_proj_input_"][1], routed["in_proj_input_"])
-        self.in_proj_bias_quant = build_proxy(self, "in_proj_bias_quant", roles["in_proj_bias_"][1], routed["in_proj_bias_"])
+            self.in_proj_weight_quants[name] = injector.proxy_class(
+                self, injector, role=name + "_quant", weight_name=name
+            )
+        self.in_proj_input_quant = build_proxy(
+            self, "in_proj_input_quant", roles["in_proj_input_"][1], routed["in_proj_input_"]
+        )
+        self.in_proj_bias_quant = build_proxy(
+            self, "in_proj_bias_quant", roles["in_proj_bias_"][1], routed["in_proj_bias_"]
+        )
 
     def _projection_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         def weight(name: str) -> Tensor:

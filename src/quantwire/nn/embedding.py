@@ -37,8 +37,18 @@ class QuantEmbedding(QuantLayer, nn.Embedding):
         **kwargs: Any,
     ) -> None:
         nn.Embedding.__init__(
-            self, num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse,
-            _weight, _freeze, device, dtype,
+            self,
+            num_embeddings,
+            embedding_dim,
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            sparse,
+            _weight,
+            _freeze,
+            device,
+            dtype,
         )
         self.return_quant_tensor = return_quant_tensor
         self._attach_quantizers({"weight_": ("weight_quant", weight_quant)}, kwargs)

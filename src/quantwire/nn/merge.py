@@ -27,7 +27,9 @@ class _QuantMerge(QuantLayer):
     ) -> None:
         super().__init__()
         self.return_quant_tensor = return_quant_tensor
-        self._attach_quantizers({"input_": ("input_quant", input_quant), "output_": ("output_quant", output_quant)}, kwargs)
+        self._attach_quantizers(
+            {"input_": ("input_quant", input_quant), "output_": ("output_quant", output_quant)}, kwargs
+        )
 
     def _quantize_inputs(self, tensors: tuple[Any, ...]) -> list[Any]:
         if self.input_quant is None:

@@ -70,7 +70,22 @@ class QuantProxyFromInjector(nn.Module):
         except (TypeError, ValueError, RuntimeError) as error:
             raise QuantConfigError(f"{self.describe()}: {error}") from error
         self._signed = None if signed is None else bool(signed)
+        # A new module starts in training mode: a rebuild in eval mode (load_state_dict after
+        # model.eval()) must not leave the quantizer collecting statistics.
+        self.tensor_quant.train(self.training)
+        reference = self._reference_tensor()
+        if reference is not None:
+            # Follow a layer that was moved (.double(), .cuda()) before this rebuild.
+            self.tensor_quant.to(device=reference.device, dtype=reference.dtype)
         self.clear_cache()
+
+    def _reference_tensor(self) -> Tensor | None:
+        """The first floating-point parameter of the tracked layers: where quantizers live."""
+        for layer in self.tracked_module_list:
+            for tensor in layer.parameters(recurse=False):
+                if tensor.is_floating_point():
+                    return tensor
+        return None
 
     def clear_cache(self) -> None:
         """Forget anything computed from the previous quantizer or weights (subclasses cache)."""

@@ -25,11 +25,13 @@ class WeightQuantProxyFromInjector(QuantProxyFromInjector):
         self.cache_inference_quant_weight = True
         self._cache_key: tuple | None = None
         self._cache: tuple[Tensor, ...] | None = None
+        self._state_tensors: tuple[Tensor, ...] | None = None
         super().__init__(quant_layer, quant_injector, role)
 
     def clear_cache(self) -> None:
         self._cache_key = None
         self._cache = None
+        self._state_tensors: tuple[Tensor, ...] | None = None
 
     def train(self, mode: bool = True) -> WeightQuantProxyFromInjector:
         # Training may change quantizer state no version counter shows (step counters).
@@ -47,12 +49,14 @@ class WeightQuantProxyFromInjector(QuantProxyFromInjector):
     def _quantize(self, weight: Tensor) -> tuple[Tensor, ...]:
         if not (self.cache_inference_quant_weight and is_frozen_context(self)):
             return self.tensor_quant(weight)
-        tensors = (*self.tensor_quant.parameters(), *self.tensor_quant.buffers())
-        quantizer_state = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._state_tensors is None:
+            self._state_tensors = (*self.tensor_quant.parameters(), *self.tensor_quant.buffers())
+        quantizer_state = tuple((t.data_ptr(), t._version) for t in self._state_tensors)
         key = (weight.data_ptr(), weight._version, quantizer_state, torch.is_inference_mode_enabled())
         if self._cache is None or key != self._cache_key:
             self._cache = self.tensor_quant(weight)
             self._cache_key = key
+            self._state_tensors = None  # re-listed on the next call: `.to()` replaces buffers
         return self._cache
 
     def fake_quant(self, weight: Tensor) -> Tensor:

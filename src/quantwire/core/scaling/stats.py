@@ -90,6 +90,7 @@ class ParameterFromRuntimeStatsScaling(ScriptModule):
             restrict,
             scaling_shape,
             scaling_stats_momentum,
+            init_min_val=scaling_min_val,
         )
         self.restrict_clamp = RestrictClampValue(restrict, scaling_min_val)
 

@@ -125,7 +125,14 @@ class ParameterFromRuntimeStats(ScriptModule):
     moved into the domain of ``restrict_value_impl`` (e.g. ``log2`` for a scale learned in the
     log domain), and is learned from then on. During collection the returned statistic is moved
     the same way, so callers always receive a value in the parameter's domain.
+
+    ``init_min_val`` floors the collected statistic before it becomes the parameter (a scale's
+    ``scaling_min_val``): a statistic of 0, from activations that were all zero while
+    collecting, would otherwise start a log-domain parameter at ``-inf``, which no gradient can
+    move and whose gradient is NaN.
     """
+
+    init_min_val: float | None
 
     def __init__(
         self,
@@ -135,6 +142,7 @@ class ParameterFromRuntimeStats(ScriptModule):
         restrict_value_impl: nn.Module,
         stats_shape: tuple[int, ...] = (),
         momentum: float | None = None,
+        init_min_val: float | None = None,
     ) -> None:
         super().__init__()
         if int(collect_stats_steps) < 1:
@@ -143,12 +151,23 @@ class ParameterFromRuntimeStats(ScriptModule):
         self.runtime_stats = RuntimeStats(stats_impl, stats_input_view_shape_impl, stats_shape, momentum)
         self.runtime_stats.set_counter_limit(self.collect_stats_steps)
         self.restrict_value_impl = restrict_value_impl
+        self.init_min_val = None if init_min_val is None else float(init_min_val)
         self.value = nn.Parameter(torch.zeros(check_shape(stats_shape, "stats_shape")))
 
     def is_collecting(self) -> bool:
         """Whether statistics are still being collected (the parameter is not yet in use)."""
         self.runtime_stats.sync_counter()
         return self.runtime_stats.counter < self.collect_stats_steps
+
+    @script_method
+    def collected_value(self) -> Tensor:
+        """What the parameter starts at: the collected statistic (floored by ``init_min_val``)
+        moved into the parameter's domain."""
+        running = self.runtime_stats.running
+        init_min_val = self.init_min_val
+        if init_min_val is not None:
+            running = torch.clamp_min(running, init_min_val)
+        return self.restrict_value_impl.restrict_init_tensor(running)
 
     @script_method
     def forward(self, x: Tensor) -> Tensor:
@@ -162,7 +181,7 @@ class ParameterFromRuntimeStats(ScriptModule):
                 return self.restrict_value_impl.restrict_init_tensor(self.runtime_stats(x))
             stats = self.runtime_stats.update(x)
             if counter + 1 == self.collect_stats_steps:
-                self.value.detach().copy_(self.restrict_value_impl.restrict_init_tensor(self.runtime_stats.running))
+                self.value.detach().copy_(self.collected_value())
             return self.restrict_value_impl.restrict_init_tensor(stats)
         return self.value
 
@@ -181,8 +200,7 @@ class ParameterFromRuntimeStats(ScriptModule):
         if self.training:
             finishing = count == self.collect_stats_steps - 1
             stats = source.compiled_update(x, collecting)
-            collected = self.restrict_value_impl.restrict_init_tensor(source.running)
-            self.value.detach().copy_(torch.where(finishing, collected, self.value.detach()))
+            self.value.detach().copy_(torch.where(finishing, self.collected_value(), self.value.detach()))
         else:
             stats = source.compiled_frozen(x)
         domain_stats = self.restrict_value_impl.restrict_init_tensor(stats)
