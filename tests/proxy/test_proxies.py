@@ -629,3 +629,13 @@ def test_a_rebuild_follows_the_layer_dtype() -> None:
     for proxy in (layer.weight_quant, layer.input_quant):
         assert all(t.dtype == torch.float64 for t in proxy.tensor_quant.parameters())
     assert layer(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_a_default_layer_loads_a_float_checkpoint_strictly() -> None:
+    """Stateless default quantizers (abs-max weights, no delay) need no IGNORE_MISSING_KEYS."""
+    from quantwire.nn import QuantConv2d
+
+    layer, float_layer = QuantConv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    layer.load_state_dict(float_layer.state_dict())
+    assert torch.equal(layer.weight, float_layer.weight)

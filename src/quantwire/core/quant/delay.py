@@ -1,5 +1,7 @@
 """Delaying quantization for the first training steps."""
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,15 @@ class DelayWrapper(StepCounterState, ScriptModule):
             raise QuantConfigError(f"quant_delay_steps must be >= 0, got {quant_delay_steps!r}")
         self.quant_delay_steps = int(quant_delay_steps)
         self.set_counter_limit(self.quant_delay_steps)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        # Without a delay there is no state: a float checkpoint must load without this key.
+        if self.quant_delay_steps:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        if self.quant_delay_steps:
+            super()._load_from_state_dict(state_dict, prefix, *args)
 
     @script_method
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
