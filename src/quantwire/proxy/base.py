@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from quantwire import config
 from quantwire.errors import QuantConfigError, QuantwireError
-from quantwire.inject import DependencyError
+from quantwire.function.grad import quantize_gradient
+from quantwire.inject import DependencyError, ExtendedInjector
 from quantwire.quant_tensor import FloatQuantTensor, IntQuantTensor, QuantTensor
 
 
@@ -70,6 +71,7 @@ class QuantProxyFromInjector(nn.Module):
         except (TypeError, ValueError, RuntimeError) as error:
             raise QuantConfigError(f"{self.describe()}: {error}") from error
         self._signed = None if signed is None else bool(signed)
+        self.grad_tensor_quant = self._build_grad_quant(injector)
         # A new module starts in training mode: a rebuild in eval mode (load_state_dict after
         # model.eval()) must not leave the quantizer collecting statistics.
         self.tensor_quant.train(self.training)
@@ -78,6 +80,33 @@ class QuantProxyFromInjector(nn.Module):
             # Follow a layer that was moved (.double(), .cuda()) before this rebuild.
             self.tensor_quant.to(device=reference.device, dtype=reference.dtype)
         self.clear_cache()
+
+    def _build_grad_quant(self, injector: type) -> nn.Module | None:
+        """The core module that quantizes gradients, when the quantizer declares ``grad_quant``
+        (another quantizer: the format gradients flowing back through this one take)."""
+        if "grad_quant" not in injector:
+            return None
+        grad_quant = injector.grad_quant
+        if grad_quant is None:
+            return None
+        if not (isinstance(grad_quant, type) and issubclass(grad_quant, ExtendedInjector)):
+            raise QuantConfigError(
+                f"{self.describe()}: grad_quant must be a quantizer class (an ExtendedInjector), got {grad_quant!r}"
+            )
+        try:
+            return grad_quant.let(module=self.injected_module()).tensor_quant
+        except (DependencyError, QuantwireError, TypeError, ValueError, RuntimeError) as error:
+            raise QuantConfigError(f"{self.describe()}: grad_quant={grad_quant.__name__}: {error}") from error
+
+    def _quantize_gradient(self, grad: Tensor) -> Tensor:
+        return self.grad_tensor_quant(grad)[0]
+
+    def with_grad_quant(self, outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``outputs`` with the gradient of its value quantized in the backward pass, when the
+        quantizer declares ``grad_quant``; unchanged otherwise."""
+        if self.grad_tensor_quant is None:
+            return outputs
+        return (quantize_gradient(outputs[0], self._quantize_gradient), *outputs[1:])
 
     def _reference_tensor(self) -> Tensor | None:
         """The first floating-point parameter of the tracked layers: where quantizers live."""

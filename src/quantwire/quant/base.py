@@ -6,17 +6,29 @@ the ``@value`` choices that follow from other attributes.
 
 from quantwire.core.bit_width import BitWidthConst
 from quantwire.core.function_wrapper import (
+    OverChannelView,
     OverGroupView,
     OverOutputChannelView,
     OverTensorView,
     OverTokenView,
+    TensorClamp,
     TensorClampSte,
 )
-from quantwire.core.quant import FloatQuant, FloatScaling, IntQuant, PrescaledIntQuant, RescalingIntQuant
+from quantwire.core.quant import (
+    AdaRoundRounding,
+    FloatQuant,
+    FloatScaling,
+    IntQuant,
+    LearnedRoundIntQuant,
+    PactIntQuant,
+    PrescaledIntQuant,
+    RescalingIntQuant,
+)
 from quantwire.core.restrict_val import FloatRestrictValue, PowerOfTwoRestrictValue
 from quantwire.core.scaling import (
     ConstScaling,
     IntScaling,
+    LsqGradScale,
     ParameterFromRuntimeStatsScaling,
     ParameterScaling,
     PowerOfTwoIntScaling,
@@ -30,8 +42,10 @@ from quantwire.core.stats import (
     NegativeMinOrZero,
     NegativePercentileOrZero,
     PercentileInterval,
+    TensorStats,
 )
 from quantwire.core.zero_point import ParameterFromRuntimeStatsZeroPoint, StatsZeroPoint, ZeroZeroPoint
+from quantwire.errors import QuantConfigError
 from quantwire.inject import ExtendedInjector, value
 from quantwire.proxy import (
     ActQuantProxyFromInjector,
@@ -200,6 +214,82 @@ class PowerOfTwoScaling(ExtendedInjector):
 
     restrict_scaling_impl = PowerOfTwoRestrictValue
     int_scaling_impl = PowerOfTwoIntScaling
+
+
+class ParameterFromWeightStatsScaling(ExtendedInjector):
+    """A learned weight scale, initialised when the quantizer is built from the statistic of the
+    layer's weight that ``scaling_stats_impl`` computes over ``scaling_stats_input_view_shape_impl``
+    (per tensor or per output channel). Rebuilt from the loaded weight on ``load_state_dict``,
+    after which a saved learned scale wins."""
+
+    scaling_impl = ParameterScaling
+
+    @value
+    def scaling_init(module, scaling_stats_impl, scaling_stats_input_view_shape_impl):
+        layer = module[0] if isinstance(module, tuple) else module
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            raise QuantConfigError(f"{type(layer).__name__} has no weight to initialise a learned scale from")
+        stats = TensorStats(scaling_stats_impl, scaling_stats_input_view_shape_impl)
+        return stats(weight.detach().float()).clamp_min(1e-10)
+
+    @value
+    def scaling_shape(scaling_init):
+        return tuple(scaling_init.shape)
+
+
+class PerTokenPositionRuntimeStatsScaling(ExtendedInjector):
+    """One collected-then-learned scale per token position of ``(batch, num_tokens, features)``
+    activations (Torch2Chip's token-wise LSQ): a vision transformer has a fixed ``num_tokens``,
+    which the quantizer must be told (``input_num_tokens=197``)."""
+
+    scaling_stats_input_view_shape_impl = OverChannelView
+    channel_dim = -2
+
+    @value
+    def scaling_shape(num_tokens):
+        return (1, int(num_tokens), 1)
+
+
+# -- QAT and PTQ algorithms ---------------------------------------------------------------------
+
+
+class LsqGradientScaling(ExtendedInjector):
+    """LSQ's gradient scale ``1 / sqrt(N * Qp)`` on the learned scale (and zero point), with
+    clipping gradients (0 outside the range) so that the scale gets LSQ's full gradient."""
+
+    grad_scale_impl = LsqGradScale
+    tensor_clamp_impl = TensorClamp
+
+
+class PactClipping(ExtendedInjector):
+    """PACT: the scale's threshold is the learned clipping level ``alpha``; gradients are those
+    of ``clamp(x, 0, alpha)`` (the rounding error is constant to autograd)."""
+
+    int_quant = PactIntQuant
+    tensor_clamp_impl = TensorClamp
+
+
+class AdaRoundLearnedRounding(ExtendedInjector):
+    """AdaRound: per-weight learned rounding up or down (soft in training, hard in eval), to be
+    optimised by :func:`quantwire.algorithms.adaround` or block reconstruction."""
+
+    int_quant = LearnedRoundIntQuant
+    float_to_int_impl = AdaRoundRounding
+    learned_round_zeta = 1.1
+    learned_round_gamma = -0.1
+
+    @value
+    def learned_round_shape(module):
+        layer = module[0] if isinstance(module, tuple) else module
+        return tuple(layer.weight.shape)
+
+
+class QuantDropMixin(ExtendedInjector):
+    """QDrop: in training mode each activation element stays unquantized with probability
+    ``quant_drop_prob``."""
+
+    quant_drop_prob = 0.5
 
 
 # -- zero points --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from quantwire.core.function_wrapper.ops import RoundSte, TensorClamp
 from quantwire.core.quant.delay import DelayWrapper
+from quantwire.core.scaling.grad_scale import NoGradScale
 from quantwire.core.utils import StatelessBuffer
 from quantwire.function.int_range import max_int, min_int
 from quantwire.jit import ScriptModule, script_method
@@ -48,11 +49,41 @@ class IntQuant(ScriptModule):
         return self.delay_wrapper(x, y)
 
 
+class PactIntQuant(IntQuant):
+    """:class:`IntQuant` whose gradients are those of clipping alone (PACT, Choi et al., 2018):
+    the rounding error is a constant to autograd, so the input's gradient is 1 inside the range
+    and 0 outside, and the upper clipping bound (the learned ``alpha``, reached through the
+    scale) gets the gradient of the inputs above it."""
+
+    @script_method
+    def forward(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+        y = (self.to_int(scale, zero_point, bit_width, x) - zero_point) * scale
+        lower = (min_int(self.signed, self.narrow_range, bit_width) - zero_point) * scale
+        upper = (max_int(self.signed, self.narrow_range, bit_width) - zero_point) * scale
+        clipped = torch.minimum(torch.maximum(x, lower), upper)
+        return self.delay_wrapper(x, clipped + (y - clipped).detach())
+
+
+class LearnedRoundIntQuant(IntQuant):
+    """:class:`IntQuant` that rounds before it clamps, for a ``float_to_int_impl`` that may round
+    past the range's ends (learned rounding adds up to 1 to the floor of an in-range value)."""
+
+    @script_method
+    def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+        y = self.float_to_int_impl(x / scale + zero_point)
+        lower = min_int(self.signed, self.narrow_range, bit_width)
+        upper = max_int(self.signed, self.narrow_range, bit_width)
+        return self.tensor_clamp_impl(y, lower, upper)
+
+
 class RescalingIntQuant(ScriptModule):
     """Integer quantization whose scale, zero point and bit width come from sub-modules.
 
     ``scale = scaling_impl(x) / int_scaling_impl(bit_width)``: the scaling module gives the
-    threshold the range's far end maps to. Returns ``(value, scale, zero_point, bit_width)``.
+    threshold the range's far end maps to. Scale and zero point then pass through
+    ``grad_scale_impl(value, x, bit_width)``, which may scale their gradients (LSQ's
+    :class:`~quantwire.core.scaling.LsqGradScale`; by default nothing). Returns
+    ``(value, scale, zero_point, bit_width)``.
     """
 
     def __init__(
@@ -62,6 +93,7 @@ class RescalingIntQuant(ScriptModule):
         int_scaling_impl: nn.Module,
         zero_point_impl: nn.Module,
         bit_width_impl: nn.Module,
+        grad_scale_impl: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.int_quant = int_quant
@@ -69,12 +101,14 @@ class RescalingIntQuant(ScriptModule):
         self.int_scaling_impl = int_scaling_impl
         self.zero_point_impl = zero_point_impl
         self.msb_clamp_bit_width_impl = bit_width_impl
+        self.grad_scale_impl = NoGradScale() if grad_scale_impl is None else grad_scale_impl
 
     @script_method
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         bit_width = self.msb_clamp_bit_width_impl()
         scale = self.scaling_impl(x) / self.int_scaling_impl(bit_width)
-        zero_point = self.zero_point_impl(x, scale, bit_width)
+        zero_point = self.grad_scale_impl(self.zero_point_impl(x, scale, bit_width), x, bit_width)
+        scale = self.grad_scale_impl(scale, x, bit_width)
         y = self.int_quant(scale, zero_point, bit_width, x)
         return y, scale, zero_point, bit_width
 

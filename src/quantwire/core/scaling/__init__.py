@@ -6,6 +6,7 @@ broadcasts against it. The value is restricted (``restrict_scaling_impl``) and c
 below (``scaling_min_val``) by :class:`~quantwire.core.restrict_val.RestrictClampValue`.
 """
 
+from quantwire.core.scaling.grad_scale import LsqGradScale, NoGradScale
 from quantwire.core.scaling.int_scaling import IntScaling, PowerOfTwoIntScaling
 from quantwire.core.scaling.standalone import ConstScaling, ParameterScaling
 from quantwire.core.scaling.stats import ParameterFromRuntimeStatsScaling, RuntimeStatsScaling, StatsScaling
@@ -13,6 +14,8 @@ from quantwire.core.scaling.stats import ParameterFromRuntimeStatsScaling, Runti
 __all__ = [
     "ConstScaling",
     "IntScaling",
+    "LsqGradScale",
+    "NoGradScale",
     "ParameterFromRuntimeStatsScaling",
     "ParameterScaling",
     "PowerOfTwoIntScaling",
