@@ -45,12 +45,15 @@ from quantwire.core.function_wrapper import (
     TernarySignSte,
 )
 from quantwire.core.quant import (
+    AdaRoundRounding,
     BinaryQuant,
     ClampedBinaryQuant,
     DelayWrapper,
     FloatQuant,
     FloatScaling,
     IntQuant,
+    LearnedRoundIntQuant,
+    PactIntQuant,
     PrescaledIntQuant,
     RescalingIntQuant,
     TernaryQuant,
@@ -64,6 +67,8 @@ from quantwire.core.restrict_val import (
 from quantwire.core.scaling import (
     ConstScaling,
     IntScaling,
+    LsqGradScale,
+    NoGradScale,
     ParameterFromRuntimeStatsScaling,
     ParameterScaling,
     PowerOfTwoIntScaling,
@@ -319,9 +324,7 @@ def zoo() -> list[tuple[str, Factory]]:
         (
             "RuntimeStatsScaling/channel_po2",
             lambda: (
-                RuntimeStatsScaling(
-                    AbsMax(), OverChannelView(1), (1, 4, 1, 1), None, PowerOfTwoRestrictValue()
-                ),
+                RuntimeStatsScaling(AbsMax(), OverChannelView(1), (1, 4, 1, 1), None, PowerOfTwoRestrictValue()),
                 _x(*ACT),
             ),
         ),
@@ -366,9 +369,7 @@ def zoo() -> list[tuple[str, Factory]]:
         (
             "RuntimeStatsZeroPoint/channel_average",
             lambda: (
-                RuntimeStatsZeroPoint(
-                    False, True, NegativeMinOrZero(), OverChannelView(1), (1, 4, 1, 1), None
-                ),
+                RuntimeStatsZeroPoint(False, True, NegativeMinOrZero(), OverChannelView(1), (1, 4, 1, 1), None),
                 _zero_point_inputs(ACT, (1, 4, 1, 1)),
             ),
         ),
@@ -449,6 +450,22 @@ def zoo() -> list[tuple[str, Factory]]:
         ("FloatQuant/e4m3_non_saturating_nan", _fp8_e4m3_non_saturating_nan_quant),
         ("FloatQuant/e2m1_runtime", _fp4_runtime_quant),
         ("FloatQuant/unsigned_stochastic_delay", _float_unsigned_stochastic_quant),
+        # --- algorithms' building blocks
+        ("NoGradScale", lambda: (NoGradScale(), _inputs(_grad_scale_inputs))),
+        ("LsqGradScale", lambda: (LsqGradScale(True, False), _inputs(_grad_scale_inputs))),
+        ("LsqGradScale/unsigned_narrow", lambda: (LsqGradScale(False, True), _inputs(_grad_scale_inputs))),
+        ("PactIntQuant", lambda: (PactIntQuant(False), _inputs(_int_quant_inputs))),
+        (
+            "PactIntQuant/signed_delay",
+            lambda: (PactIntQuant(True, True, quant_delay_steps=2), _inputs(_int_quant_inputs)),
+        ),
+        ("AdaRoundRounding", lambda: (AdaRoundRounding((3, 7)), _x(3, 7, std=4.0))),
+        (
+            "LearnedRoundIntQuant",
+            lambda: (LearnedRoundIntQuant(True, True, AdaRoundRounding((3, 16))), _inputs(_int_quant_inputs)),
+        ),
+        ("RescalingIntQuant/lsq_act", _lsq_act_quant),
+        ("RescalingIntQuant/adaround_weight", _adaround_weight_quant),
     ]
     return [(name, _seeded(build)) for name, build in entries]
 
@@ -479,6 +496,34 @@ def fp8_e4m3_quant() -> FloatQuant:
 
 def _weight_per_channel_quant() -> tuple[nn.Module, MakeInputs]:
     return weight_per_channel_quant(), _x(*WEIGHT)
+
+
+def _grad_scale_inputs(g: torch.Generator, step: int) -> Inputs:
+    """``(value, x, bit_width)``: a per-channel scale, the activation it scales, its bit width."""
+    return torch.rand(1, 4, 1, 1, generator=g) + 0.1, _randn(g, *ACT), torch.tensor(4.0)
+
+
+def _lsq_act_quant() -> tuple[nn.Module, MakeInputs]:
+    quant = RescalingIntQuant(
+        IntQuant(False, False),
+        ParameterFromRuntimeStatsScaling(2, AbsMax()),
+        IntScaling(False, False),
+        ParameterFromRuntimeStatsZeroPoint(False, False, 2, NegativeMinOrZero()),
+        BitWidthConst(4),
+        LsqGradScale(False, False),
+    )
+    return quant, _x(*ACT)
+
+
+def _adaround_weight_quant() -> tuple[nn.Module, MakeInputs]:
+    quant = RescalingIntQuant(
+        LearnedRoundIntQuant(True, True, AdaRoundRounding(WEIGHT), TensorClampSte()),
+        StatsScaling(AbsMax(), OverOutputChannelView()),
+        IntScaling(True, True),
+        ZeroZeroPoint(),
+        BitWidthConst(4),
+    )
+    return quant, _x(*WEIGHT)
 
 
 def _weight_asymmetric_quant() -> tuple[nn.Module, MakeInputs]:
@@ -619,9 +664,7 @@ def _upstream(output: Tensor) -> Tensor:
     return torch.linspace(-1.0, 2.0, output.numel()).reshape(output.shape)
 
 
-def call(
-    module: nn.Module, make_inputs: MakeInputs, training: bool, step: int, backward: bool = True
-) -> CallRecord:
+def call(module: nn.Module, make_inputs: MakeInputs, training: bool, step: int, backward: bool = True) -> CallRecord:
     """One call of the protocol: ``{"outputs", "input_grads", "param_grads"}`` (detached)."""
     module.train(training)
     inputs = tuple(t.requires_grad_(backward and t.is_floating_point()) for t in make_inputs(step))
