@@ -38,7 +38,7 @@ from quantwire.algorithms._utils import (
     weight_quant_layers,
 )
 from quantwire.algorithms.calibration import calibrate
-from quantwire.core.quant import AdaRoundRounding, RescalingIntQuant
+from quantwire.core.quant import AdaRoundRounding, LearnedRoundIntQuant, RescalingIntQuant
 from quantwire.core.stats import ParameterFromRuntimeStats
 from quantwire.errors import QuantConfigError, QuantInputError
 from quantwire.nn.base import QuantWBIOL
@@ -54,6 +54,7 @@ __all__ = [
     "mark_block",
     "qdrop",
     "reconstruct",
+    "register_block_type",
     "use_learned_rounding",
 ]
 
@@ -146,21 +147,31 @@ def find_blocks(model: nn.Module, block_types: Iterable[str] | None = None) -> l
 
 
 def use_learned_rounding(layer: QuantWBIOL) -> None:
-    """Compose AdaRound's learned rounding onto ``layer``'s weight quantizer (through the
-    injector, keeping everything else it declares) and rebuild it. A layer that already rounds
-    with AdaRound is left as it is."""
+    """Compose AdaRound's learned rounding onto ``layer``'s weight quantizer and rebuild it.
+
+    The quantizer becomes ``quant_injector.let(...)`` with the attributes of
+    :class:`~quantwire.quant.base.AdaRoundLearnedRounding` (so everything else it declares is
+    kept, and the model still pickles); a layer that already rounds with AdaRound is left as
+    it is.
+    """
     proxy = layer.weight_quant
     if proxy is None:
         raise QuantConfigError(f"{type(layer).__name__}: no weight quantizer to give learned rounding to")
-    injector = proxy.quant_injector
-    if issubclass(injector, AdaRoundLearnedRounding):
-        return
-    if not isinstance(proxy.tensor_quant, RescalingIntQuant):
+    tensor_quant = proxy.tensor_quant
+    if not isinstance(tensor_quant, RescalingIntQuant):
         raise QuantConfigError(
             f"{proxy.describe()}: learned rounding needs an integer weight quantizer "
-            f"(RescalingIntQuant), not {type(proxy.tensor_quant).__name__}"
+            f"(RescalingIntQuant), not {type(tensor_quant).__name__}"
         )
-    proxy.quant_injector = type(injector)(f"{injector.__name__}AdaRound", (AdaRoundLearnedRounding, injector), {})
+    if isinstance(tensor_quant.int_quant.float_to_int_impl, AdaRoundRounding):
+        return
+    proxy.quant_injector = proxy.quant_injector.let(
+        int_quant=LearnedRoundIntQuant,
+        float_to_int_impl=AdaRoundRounding,
+        learned_round_shape=tuple(proxy.tracked_weight().shape),
+        learned_round_zeta=AdaRoundLearnedRounding.learned_round_zeta,
+        learned_round_gamma=AdaRoundLearnedRounding.learned_round_gamma,
+    )
     proxy.init_tensor_quant()
 
 
