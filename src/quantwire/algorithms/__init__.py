@@ -6,7 +6,11 @@ progress bar that ``progress=False`` (or ``quantwire.config.PROGRESS = False``, 
 LSQ, LSQ+, PACT) trained by an ordinary training loop.
 """
 
+from quantwire.algorithms.bias_correction import bias_correction
 from quantwire.algorithms.calibration import calibrate, calibration_mode, reset_calibration
+from quantwire.algorithms.equalize import equalize, find_equalization_pairs, find_smooth_quant_groups, smooth_quant
+from quantwire.algorithms.freeze import freeze_weight_quantizer, quantize_weight_tensors
+from quantwire.algorithms.gptq import gptq
 from quantwire.algorithms.reconstruction import (
     ReconstructionResult,
     adaround,
@@ -22,14 +26,22 @@ from quantwire.algorithms.reconstruction import (
 __all__ = [
     "ReconstructionResult",
     "adaround",
+    "bias_correction",
     "brecq",
     "calibrate",
     "calibration_mode",
+    "equalize",
     "find_blocks",
+    "find_equalization_pairs",
+    "find_smooth_quant_groups",
+    "freeze_weight_quantizer",
+    "gptq",
     "mark_block",
     "qdrop",
     "reconstruct",
     "register_block_type",
+    "quantize_weight_tensors",
     "reset_calibration",
+    "smooth_quant",
     "use_learned_rounding",
 ]

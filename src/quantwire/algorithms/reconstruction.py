@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from quantwire.algorithms._utils import (
     Captured,
     ForwardFn,
-    batch_iterator,
     call_model,
     capture,
     eval_mode,
+    execution_order,
     progress_bar,
     quantization_disabled,
     resolve_modules,
@@ -91,33 +91,6 @@ def register_block_type(cls: type[nn.Module]) -> type[nn.Module]:
 
 def _has_weight_quant(module: nn.Module) -> bool:
     return any(isinstance(m, QuantWBIOL) and m.weight_quant is not None for m in module.modules())
-
-
-def _execution_order(model: nn.Module, modules: list[nn.Module], data: Iterable, forward_fn: ForwardFn) -> list[int]:
-    """Indices of ``modules`` sorted by when each is first called on one batch."""
-    order: dict[int, int] = {}
-    handles = []
-    for index, module in enumerate(modules):
-
-        def hook(_m: nn.Module, _args: tuple, index: int = index) -> None:
-            order.setdefault(index, len(order))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), quantization_disabled(model):
-            batch = next(iter(batch_iterator(data, 1)), None)
-            if batch is None:
-                raise QuantInputError("reconstruction: data yielded no batch")
-            forward_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [i for i in range(len(modules)) if i not in order]
-    if missing:
-        raise QuantInputError(
-            f"reconstruction: {type(modules[missing[0]]).__name__} is never called by the model's forward pass"
-        )
-    return sorted(range(len(modules)), key=order.__getitem__)
 
 
 def find_blocks(model: nn.Module, block_types: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -282,7 +255,11 @@ def reconstruct(
             for layer in block.modules():
                 if isinstance(layer, QuantWBIOL) and layer.weight_quant is not None:
                     use_learned_rounding(layer)
-        order = _execution_order(model, [block for _, block in units], data, run)
+        with quantization_disabled(model):
+            order = execution_order(model, [block for _, block in units], data, run)
+        if len(order) < len(units):
+            missing = next(name for i, (name, _) in enumerate(units) if i not in order)
+            raise QuantInputError(f"reconstruction: {missing} is never called by the model's forward pass")
         bar = progress_bar([units[i] for i in order], desc="reconstructing", total=len(units), enabled=progress)
         for name, block in bar:
             results.append(
