@@ -10,6 +10,7 @@ convolutions (against the equivalent Linear on unfolded inputs) and is determini
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -19,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from quantwire.algorithms import gptq as gptq_module
 from quantwire.algorithms._utils import capture
 from quantwire.algorithms.freeze import freeze_weight_quantizer, quantize_weight_tensors
 from quantwire.algorithms.gptq import gptq, gptq_quantize_matrix, input_hessian
@@ -38,6 +38,8 @@ from quantwire.quant import (
     ShiftedUint8WeightPerTensorFloat,
     SignedBinaryWeightPerTensorConst,
 )
+
+gptq_module = importlib.import_module("quantwire.algorithms.gptq")  # the module, not the function it exports
 
 # name -> (quantizer, extra layer kwargs); every one has an integer grid.
 GRIDS = {
