@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from quantwire.algorithms import adaround, brecq, calibrate, gptq, mark_block, qdrop
+from quantwire.algorithms import adaround, brecq, calibrate, gptq, qdrop
 from quantwire.examples.digits import DigitsCNN, DigitsSplits, accuracy, batches, load_digits_splits, train
 from quantwire.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
 from quantwire.quant.base import MSEStats
@@ -62,8 +62,6 @@ def quantized_copy(float_model: nn.Module, weight_quant: type, act_quant: type, 
     for module in model.modules():
         if hasattr(module, "init_quantizers"):
             module.init_quantizers()
-    mark_block(model.features.stage1)
-    mark_block(model.features.stage2)
     return model.eval()
 
 
@@ -124,7 +122,9 @@ def main() -> None:
     float_accuracy = accuracy(float_model, splits)
     print(f"float model trained in {time.perf_counter() - start:.1f} s: {float_accuracy:.2f}% test accuracy")
 
-    table = {scheme: run_methods(float_model, splits, bits, args.iters, args.qat_epochs) for scheme, bits in SCHEMES.items()}
+    table = {
+        scheme: run_methods(float_model, splits, bits, args.iters, args.qat_epochs) for scheme, bits in SCHEMES.items()
+    }
     methods = list(next(iter(table.values())))
     lines = [
         f"Test accuracy (%) on {len(splits.test_y)} digits; float: {float_accuracy:.2f}. "

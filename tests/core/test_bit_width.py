@@ -31,9 +31,7 @@ def test_const_bit_width_rejects_bad_values_naming_them(bad):
     bad=st.one_of(
         st.integers(max_value=0),
         st.integers(min_value=33),
-        st.floats(allow_nan=True, allow_infinity=True).filter(
-            lambda v: not (math.isfinite(v) and v == int(v))
-        ),
+        st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not (math.isfinite(v) and v == int(v))),
         st.booleans(),
     )
 )

@@ -142,9 +142,7 @@ def format_values(fmt: dict) -> list[float]:
 def format_inputs(values: list[float]) -> st.SearchStrategy[torch.Tensor]:
     top = max(abs(v) for v in values)
     midpoints = [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
-    elements = st.one_of(
-        st.floats(-4 * top - 1, 4 * top + 1, width=32), nudged(values + midpoints), finite_floats
-    )
+    elements = st.one_of(st.floats(-4 * top - 1, 4 * top + 1, width=32), nudged(values + midpoints), finite_floats)
     return arrays(np.float32, st.integers(1, 32), elements=elements).map(torch.from_numpy)
 
 
@@ -220,9 +218,7 @@ def test_small_format_non_saturating_overflow(data, fmt):
 
 
 # Zero or at least 2^-10 in magnitude: a row of tiny values would meet the scale's floor instead.
-scaled_elements = st.one_of(
-    st.just(0.0), st.floats(2**-10, 1e3, width=32), st.floats(-1e3, -(2**-10), width=32)
-)
+scaled_elements = st.one_of(st.just(0.0), st.floats(2**-10, 1e3, width=32), st.floats(-1e3, -(2**-10), width=32))
 
 
 @given(

@@ -138,9 +138,7 @@ def test_out_of_range_inputs_clamp_to_the_ends(config, data):
     codes_far = np.where(negative, low - beyond, high + beyond)
     x = torch.from_numpy(codes_far * scale).float()
     y, scale, zero_point, _ = quant(x)
-    expected = torch.where(
-        torch.from_numpy(negative), (low - zero_point) * scale, (high - zero_point) * scale
-    )
+    expected = torch.where(torch.from_numpy(negative), (low - zero_point) * scale, (high - zero_point) * scale)
     assert torch.equal(y, expected)
 
 

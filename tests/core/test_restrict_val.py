@@ -44,9 +44,7 @@ def test_log_restriction_round_trips(x):
     restrict = LogFloatRestrictValue()
     torch.testing.assert_close(restrict(restrict.restrict_init_tensor(x)), x, rtol=2e-6, atol=0)
     value = float(x[0])
-    assert restrict.restrict_init_float(value) == pytest.approx(
-        float(restrict.restrict_init_tensor(x[:1])), abs=1e-5
-    )
+    assert restrict.restrict_init_float(value) == pytest.approx(float(restrict.restrict_init_tensor(x[:1])), abs=1e-5)
 
 
 @given(x=positive_tensors)
@@ -77,9 +75,7 @@ RESTRICTIONS = [FloatRestrictValue, LogFloatRestrictValue, PowerOfTwoRestrictVal
 
 @pytest.mark.parametrize("restrict_class", RESTRICTIONS)
 @given(
-    x=arrays(np.float32, st.integers(1, 16), elements=st.floats(-(2.0**20), 2.0**20, width=32)).map(
-        torch.from_numpy
-    ),
+    x=arrays(np.float32, st.integers(1, 16), elements=st.floats(-(2.0**20), 2.0**20, width=32)).map(torch.from_numpy),
     min_val=positive,
 )
 def test_restrict_clamp_gives_a_positive_restricted_scale_with_gradient(restrict_class, x, min_val):

@@ -100,9 +100,7 @@ def test_power_of_two_stats_scales_at_every_step(xs, momentum, min_val):
             restrict_scaling_impl=restrict(),
             scaling_min_val=min_val,
         ),
-        ParameterFromRuntimeStatsScaling(
-            2, AbsMax(), restrict_scaling_impl=restrict(), scaling_min_val=min_val
-        ),
+        ParameterFromRuntimeStatsScaling(2, AbsMax(), restrict_scaling_impl=restrict(), scaling_min_val=min_val),
     ]
     for module in modules:
         module.eval()
@@ -124,9 +122,7 @@ def test_scale_floor_catches_all_zero_inputs(restrict, min_val, steps):
     modules = [
         StatsScaling(AbsMax(), restrict_scaling_impl=restrict(), scaling_min_val=min_val),
         RuntimeStatsScaling(AbsMax(), restrict_scaling_impl=restrict(), scaling_min_val=min_val),
-        ParameterFromRuntimeStatsScaling(
-            steps, AbsMax(), restrict_scaling_impl=restrict(), scaling_min_val=min_val
-        ),
+        ParameterFromRuntimeStatsScaling(steps, AbsMax(), restrict_scaling_impl=restrict(), scaling_min_val=min_val),
     ]
     for module in modules:
         for _ in range(steps + 1):

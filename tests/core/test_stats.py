@@ -45,9 +45,7 @@ def test_abs_min_max(x):
 
 @given(x=matrices)
 def test_negative_min_or_zero(x):
-    assert np.array_equal(
-        NegativeMinOrZero()(torch.from_numpy(x)).numpy(), column(np.minimum(x.min(axis=1), 0))
-    )
+    assert np.array_equal(NegativeMinOrZero()(torch.from_numpy(x)).numpy(), column(np.minimum(x.min(axis=1), 0)))
 
 
 def nearest_rank_values(row: np.ndarray, q: float) -> set[float]:

@@ -71,9 +71,7 @@ def test_asymmetric_unsigned_zero_point(x, bit_width, narrow_range, per_channel)
     narrow_range=st.booleans(),
 )
 def test_low_to_zero_point_rounds_and_clamps(low, scale, bit_width, signed, narrow_range):
-    zero_point = LowToZeroPoint(signed, narrow_range)(
-        low, torch.tensor(scale), torch.tensor(float(bit_width))
-    )
+    zero_point = LowToZeroPoint(signed, narrow_range)(low, torch.tensor(scale), torch.tensor(float(bit_width)))
     if signed:
         lower, upper = -(2 ** (bit_width - 1)) + int(narrow_range), 2 ** (bit_width - 1) - 1
     else:

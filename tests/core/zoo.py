@@ -44,6 +44,7 @@ from quantwire.core.function_wrapper import (
     TensorClampSte,
     TernarySignSte,
 )
+from quantwire.core.pruning import MagnitudeMask, NMMask
 from quantwire.core.quant import (
     AdaRoundRounding,
     BinaryQuant,
@@ -80,10 +81,17 @@ from quantwire.core.stats import (
     AbsMax,
     AbsMinMax,
     AbsPercentile,
+    HistogramEntropy,
+    HistogramMSE,
+    HistogramPercentile,
+    HistogramStats,
     NegativeMinOrZero,
     NegativePercentileOrZero,
     ParameterFromRuntimeStats,
     PercentileInterval,
+    RunningAbsMax,
+    RunningAbsMinMax,
+    RunningNegativeMinOrZero,
     RuntimeStats,
     TensorStats,
 )
@@ -210,6 +218,12 @@ def _bit_width_input(step: int) -> Inputs:
     return (torch.tensor(float(2 + step)),)
 
 
+def _pruning_mask(mask: nn.Module, *shape: int) -> tuple[nn.Module, MakeInputs]:
+    """``mask`` initialised from a fixed weight of ``shape``, called on weights of that shape."""
+    mask.init_mask(_randn(_gen(0, salt=17), *shape))
+    return mask, _x(*shape)
+
+
 def _delay_inputs(g: torch.Generator, step: int) -> Inputs:
     x = _randn(g, 3, 5)
     return x, torch.round(x * 4) / 4
@@ -288,6 +302,27 @@ def zoo() -> list[tuple[str, Factory]]:
                 ),
                 _x(*ACT),
             ),
+        ),
+        # --- stats.observers (state across calls, kept out of the state dict)
+        ("RunningAbsMax", lambda: (RunningAbsMax(), _x(*MATRIX))),
+        ("RunningAbsMinMax", lambda: (RunningAbsMinMax(), _x(*MATRIX))),
+        ("RunningNegativeMinOrZero", lambda: (RunningNegativeMinOrZero(), _x(*MATRIX))),
+        ("HistogramStats", lambda: (HistogramStats(64), _x(*MATRIX))),
+        ("HistogramEntropy", lambda: (HistogramEntropy(4, histogram_num_bins=64), _x(*MATRIX))),
+        (
+            "HistogramEntropy/unsigned_narrow_stride",
+            lambda: (HistogramEntropy(3, False, True, 64, 5, False), _x(*MATRIX)),
+        ),
+        ("HistogramMSE", lambda: (HistogramMSE(4, histogram_num_bins=64), _x(*MATRIX))),
+        ("HistogramMSE/unsigned_narrow", lambda: (HistogramMSE(3, False, True, 64), _x(*MATRIX))),
+        ("HistogramPercentile", lambda: (HistogramPercentile(95.0, 64), _x(*MATRIX))),
+        (
+            "RuntimeStats/histogram_observer",
+            lambda: (RuntimeStats(HistogramEntropy(4, histogram_num_bins=64), OverTensorView(), (), 1.0), _x(*ACT)),
+        ),
+        (
+            "ParameterFromRuntimeStatsScaling/running_max",
+            lambda: (ParameterFromRuntimeStatsScaling(2, RunningAbsMax(), scaling_stats_momentum=1.0), _x(*ACT)),
         ),
         # --- restrict_val
         ("FloatRestrictValue", lambda: (FloatRestrictValue(), _positive(3, 4))),
@@ -466,6 +501,11 @@ def zoo() -> list[tuple[str, Factory]]:
         ),
         ("RescalingIntQuant/lsq_act", _lsq_act_quant),
         ("RescalingIntQuant/adaround_weight", _adaround_weight_quant),
+        # --- pruning
+        ("MagnitudeMask", lambda: _pruning_mask(MagnitudeMask(0.6), *WEIGHT)),
+        ("MagnitudeMask/uninitialised", lambda: (MagnitudeMask(0.5), _x(*WEIGHT))),
+        ("NMMask", lambda: _pruning_mask(NMMask(2, 4, 1), 4, 8)),
+        ("NMMask/conv_transpose_1of4", lambda: _pruning_mask(NMMask(1, 4, 0), *WEIGHT)),
     ]
     return [(name, _seeded(build)) for name, build in entries]
 

@@ -135,9 +135,7 @@ def test_scalar_clamp_min_ste_value_and_gradient(x, floor):
     assert torch.equal(grad_of(lambda t: scalar_clamp_min_ste(t, floor), x), torch.ones_like(x))
 
 
-@given(
-    x=st.one_of(float_tensors(), float_tensors(st.sampled_from([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf])))
-)
+@given(x=st.one_of(float_tensors(), float_tensors(st.sampled_from([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf]))))
 def test_abs_binary_sign_grad(x):
     assert torch.equal(abs_binary_sign_grad(x), torch.abs(x))
     expected = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))

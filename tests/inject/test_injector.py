@@ -249,9 +249,7 @@ class TestAutoWiring:
         with pytest.raises(DependencyError) as excinfo:
             _ = MyQuant.tensor_quant
         message = str(excinfo.value)
-        assert message.startswith(
-            "'MyQuant' can not resolve attribute 'scaling_init' while building 'scaling_impl'"
-        )
+        assert message.startswith("'MyQuant' can not resolve attribute 'scaling_init' while building 'scaling_impl'")
         assert "while building 'tensor_quant'" not in message
 
     def test_missing_argument_error_with_real_core_modules(self):
@@ -301,17 +299,13 @@ class TestAutoWiring:
         ),
     )
     def test_missing_attribute_messages_name_injector_and_attribute(self, class_name, attr):
-        Q = InjectorMeta(
-            class_name, (ExtendedInjector,), {"__module__": __name__, "follow": getattr(this, attr)}
-        )
+        Q = InjectorMeta(class_name, (ExtendedInjector,), {"__module__": __name__, "follow": getattr(this, attr)})
         with pytest.raises(DependencyError) as excinfo:
             getattr(Q, attr)
         assert str(excinfo.value) == f"{class_name!r} can not resolve attribute {attr!r}"
         with pytest.raises(DependencyError) as excinfo:
             _ = Q.follow
-        assert str(excinfo.value) == (
-            f"{class_name!r} can not resolve attribute {attr!r} while building 'follow'"
-        )
+        assert str(excinfo.value) == (f"{class_name!r} can not resolve attribute {attr!r} while building 'follow'")
 
 
 # ============================================================================================
@@ -661,9 +655,7 @@ class TestInheritanceAndLet:
 
     @given(
         overrides=st.dictionaries(
-            st.from_regex(r"[a-z][a-z0-9_]{0,12}", fullmatch=True).filter(
-                lambda name: name not in ("let", "leaf")
-            ),
+            st.from_regex(r"[a-z][a-z0-9_]{0,12}", fullmatch=True).filter(lambda name: name not in ("let", "leaf")),
             st.one_of(
                 st.integers(),
                 st.floats(allow_nan=False),
@@ -1233,9 +1225,7 @@ class TestPickle:
 
     @pytest.mark.parametrize("protocol", PROTOCOLS)
     def test_nested_let_round_trips(self, protocol):
-        derived = (
-            PickleQuant.let(scaling_init=2.0).let(bit_width=2).let(scaling_impl=ChannelScale, channels=7)
-        )
+        derived = PickleQuant.let(scaling_init=2.0).let(bit_width=2).let(scaling_impl=ChannelScale, channels=7)
         for restored in (pickle.loads(pickle.dumps(derived, protocol=protocol)), copy.deepcopy(derived)):
             quant = restored.tensor_quant
             assert type(quant.scaling_impl) is ChannelScale
@@ -1271,9 +1261,7 @@ class TestPickle:
         name=st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True).filter(
             lambda name: name != "let" and name not in PickleQuant
         ),
-        extra=st.one_of(
-            st.integers(), st.text(), st.none(), st.tuples(st.booleans(), st.floats(allow_nan=False))
-        ),
+        extra=st.one_of(st.integers(), st.text(), st.none(), st.tuples(st.booleans(), st.floats(allow_nan=False))),
     )
     def test_random_let_overrides_round_trip(self, scaling_init, bit_width, name, extra):
         derived = PickleQuant.let(scaling_init=scaling_init).let(bit_width=bit_width, **{name: extra})

@@ -11,12 +11,8 @@ from hypothesis import strategies as st
 
 from quantwire.quant_tensor import FloatQuantTensor
 
-E4M3 = dict(
-    exponent_bit_width=4, mantissa_bit_width=3, exponent_bias=7, saturating=True, has_inf=False, has_nan=True
-)
-E5M2 = dict(
-    exponent_bit_width=5, mantissa_bit_width=2, exponent_bias=15, saturating=False, has_inf=True, has_nan=True
-)
+E4M3 = dict(exponent_bit_width=4, mantissa_bit_width=3, exponent_bias=7, saturating=True, has_inf=False, has_nan=True)
+E5M2 = dict(exponent_bit_width=5, mantissa_bit_width=2, exponent_bias=15, saturating=False, has_inf=True, has_nan=True)
 
 
 def e4m3(value: torch.Tensor, scale: torch.Tensor | float = 1.0, signed: bool = True) -> FloatQuantTensor:
@@ -33,9 +29,7 @@ def finite_positive_grid(dtype: torch.dtype) -> torch.Tensor:
     return codes[torch.isfinite(codes) & (codes >= 0)].unique()
 
 
-float8_inputs = st.lists(st.floats(-448.0, 448.0, allow_nan=False, width=32), min_size=1, max_size=24).map(
-    torch.tensor
-)
+float8_inputs = st.lists(st.floats(-448.0, 448.0, allow_nan=False, width=32), min_size=1, max_size=24).map(torch.tensor)
 
 
 @given(float8_inputs)
@@ -151,18 +145,14 @@ def test_cat_with_different_formats_or_scales_falls_back() -> None:
     grid = grid_tensor((2, 3), seed=1)
     qt = e4m3(grid)
     other_scale = e4m3(grid * 2, torch.tensor(2.0))
-    other_format = FloatQuantTensor(
-        grid, 1.0, 0.0, **{**E4M3, "saturating": False}, signed=True, training=False
-    )
+    other_format = FloatQuantTensor(grid, 1.0, 0.0, **{**E4M3, "saturating": False}, signed=True, training=False)
     for other in (other_scale, other_format, grid):
         result = torch.cat([qt, other])
         assert type(result) is torch.Tensor
         assert torch.equal(result, torch.cat([qt.value, other.value if hasattr(other, "value") else other]))
 
 
-@pytest.mark.parametrize(
-    "op", [lambda a: a + a, lambda a: a * a, lambda a: torch.sigmoid(a), lambda a: torch.sum(a)]
-)
+@pytest.mark.parametrize("op", [lambda a: a + a, lambda a: a * a, lambda a: torch.sigmoid(a), lambda a: torch.sum(a)])
 def test_arithmetic_falls_back(op) -> None:
     qt = e4m3(grid_tensor((2, 3), seed=2))
     result = op(qt)
@@ -171,9 +161,7 @@ def test_arithmetic_falls_back(op) -> None:
 
 
 def test_detach_and_to_keep_every_field() -> None:
-    qt = FloatQuantTensor(
-        grid_tensor((3,), seed=3).requires_grad_(), 1.0, 0.0, **E4M3, signed=True, training=True
-    )
+    qt = FloatQuantTensor(grid_tensor((3,), seed=3).requires_grad_(), 1.0, 0.0, **E4M3, signed=True, training=True)
     for moved in (qt.detach(), qt.to(torch.float64), qt.cpu()):
         assert isinstance(moved, FloatQuantTensor)
         for name in (

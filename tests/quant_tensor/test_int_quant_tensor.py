@@ -36,9 +36,7 @@ def test_int_is_int64_beyond_31_bits() -> None:
 @given(int_samples(), st.floats(0.1, 0.9))
 def test_off_grid_values_are_invalid(sample: IntSample, offset: float) -> None:
     qt = sample.qt
-    off_grid = IntQuantTensor(
-        qt.value + offset * qt.scale, qt.scale, qt.zero_point, qt.bit_width, qt.signed, False
-    )
+    off_grid = IntQuantTensor(qt.value + offset * qt.scale, qt.scale, qt.zero_point, qt.bit_width, qt.signed, False)
     assert not off_grid.is_valid
 
 
@@ -86,9 +84,7 @@ def test_codes_outside_the_range_are_invalid(sample: IntSample, above: bool) -> 
     code = high + 1 if above else low - 1
     value = qt.value.clone().flatten()
     value[0] = (code - qt.zero_point.flatten()[0]) * qt.scale.flatten()[0]
-    out_of_range = IntQuantTensor(
-        value.view(qt.shape), qt.scale, qt.zero_point, qt.bit_width, qt.signed, False
-    )
+    out_of_range = IntQuantTensor(value.view(qt.shape), qt.scale, qt.zero_point, qt.bit_width, qt.signed, False)
     assert not out_of_range.is_valid
 
 
@@ -111,9 +107,7 @@ def test_scale_that_does_not_broadcast_is_an_error() -> None:
 
 
 def test_repr_names_every_field() -> None:
-    qt = IntQuantTensor(
-        torch.tensor([0.1, -0.1]), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1.0), True, True
-    )
+    qt = IntQuantTensor(torch.tensor([0.1, -0.1]), torch.tensor(0.1), torch.tensor(0.0), torch.tensor(1.0), True, True)
     text = repr(qt)
     assert text.startswith("IntQuantTensor(value=tensor([ 0.1000, -0.1000]), scale=tensor(0.1000), ")
     assert text.endswith("zero_point=tensor(0.), bit_width=tensor(1.), signed=True, training=True)")
@@ -153,7 +147,5 @@ def test_detach_to_and_cpu_keep_every_field(sample: IntSample) -> None:
         assert (moved.signed, moved.training) == (qt.signed, qt.training)
     assert not qt.detach().requires_grad
     double = qt.to(torch.float64)
-    assert all(
-        getattr(double, name).dtype == torch.float64 for name in ("value", "scale", "zero_point", "bit_width")
-    )
+    assert all(getattr(double, name).dtype == torch.float64 for name in ("value", "scale", "zero_point", "bit_width"))
     assert double.is_valid

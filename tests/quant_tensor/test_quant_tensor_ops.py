@@ -116,8 +116,7 @@ POOL_OPS: dict[str, tuple[int, int, Op]] = {
 
 def constant_over_trailing_dims(sample: IntSample, dims: int) -> bool:
     return all(
-        all(size == 1 for size in metadata.shape[-dims:])
-        for metadata in (sample.qt.scale, sample.qt.zero_point)
+        all(size == 1 for size in metadata.shape[-dims:]) for metadata in (sample.qt.scale, sample.qt.zero_point)
     )
 
 
@@ -282,9 +281,7 @@ CAT_OPS: dict[str, Callable[[list, int], Any]] = {
 @pytest.mark.parametrize("cat", CAT_OPS.values(), ids=CAT_OPS.keys())
 @settings(max_examples=30)
 @given(data=cat_lists())
-def test_cat_with_identical_per_tensor_metadata_keeps_it(
-    cat: Callable[[list, int], Any], data: tuple
-) -> None:
+def test_cat_with_identical_per_tensor_metadata_keeps_it(cat: Callable[[list, int], Any], data: tuple) -> None:
     samples, dim = data
     result = cat([s.qt for s in samples], dim)
     expected_value = torch.cat([s.qt.value for s in samples], dim)

@@ -12,7 +12,9 @@ statistic keeps it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,16 +61,51 @@ def reset_calibration(model: nn.Module) -> None:
             reset()
 
 
-def _finish(source: ParameterFromRuntimeStats, limit: int) -> None:
-    """Restore the collection limit; if statistics were collected, start the parameter from them."""
+def _finish(source: ParameterFromRuntimeStats) -> None:
+    """If statistics were collected, start the parameter from them and end its collection."""
     stats = source.runtime_stats
     stats.sync_counter()
-    source.collect_stats_steps = limit
-    stats.set_counter_limit(limit)
     if stats.counter > 0:
         with torch.no_grad():
             source.value.copy_(source.collected_value())
-        stats.set_counter(max(stats.counter, limit))
+        stats.set_counter(max(stats.counter, source.collect_stats_steps))
+
+
+@dataclass
+class _SourceState:
+    """What a statistics source holds, to put back when a calibration fails."""
+
+    source: RuntimeStats
+    counter: int
+    running: torch.Tensor
+    value: torch.Tensor | None
+
+
+def _snapshot(collected: list[ParameterFromRuntimeStats], running: list[RuntimeStats]) -> list[_SourceState]:
+    states = []
+    for source in collected:
+        stats = source.runtime_stats
+        stats.sync_counter()
+        states.append(_SourceState(stats, stats.counter, stats.running.detach().clone(), source.value.detach().clone()))
+    for stats in running:
+        stats.sync_counter()
+        states.append(_SourceState(stats, stats.counter, stats.running.detach().clone(), None))
+    return states
+
+
+def _restore(states: list[_SourceState], collected: list[ParameterFromRuntimeStats]) -> None:
+    values = iter(collected)
+    with torch.no_grad():
+        for state in states:
+            state.source.running.copy_(state.running)
+            state.source.set_counter(state.counter)
+            if state.value is not None:
+                next(values).value.copy_(state.value)
+
+
+def _layer_names(model: nn.Module) -> dict[int, str]:
+    """Qualified name of every proxy in ``model`` (``features.0.input_quant``), by id."""
+    return {id(m): name for name, m in model.named_modules() if isinstance(m, ActQuantProxyFromInjector)}
 
 
 @contextlib.contextmanager
@@ -76,40 +113,53 @@ def calibration_mode(model: nn.Module, quantize: bool = False, check_inputs: boo
     """Calibrate activation quantizers on whatever runs through ``model`` in the body.
 
     On entry the collected statistics are reset; the model is put in eval mode, except the
-    statistics-collecting core modules of activation quantizers, which collect over every call
-    (whatever their ``collect_stats_steps``). With ``quantize=False`` (the default) activations
-    are observed but not quantized and weights are used in float, so each quantizer sees the
-    float model's distribution; ``quantize=True`` quantizes as it goes (statistics then reflect
-    the upstream quantization error). ``check_inputs`` raises :class:`QuantInputError` naming
-    the layer when an activation quantizer receives NaN or Inf.
+    statistics-collecting modules of activation quantizers (``RuntimeStats`` and
+    ``ParameterFromRuntimeStats``, with the observers inside them), which collect over every
+    call (whatever their ``collect_stats_steps``); delayed quantization and stochastic rounding
+    stay in their inference behaviour. With ``quantize=False`` (the default) activations are
+    observed but not quantized and weights are used in float, so each quantizer sees the float
+    model's distribution; ``quantize=True`` quantizes as it goes (statistics then reflect the
+    upstream quantization error). ``check_inputs`` raises :class:`QuantInputError` naming the
+    quantizer (``features.0.input_quant``) when it receives NaN or Inf.
 
     On exit every quantizer that saw data is frozen (its learned scale starts from the
-    collected statistic) and every module gets its previous mode back. Calibrating under
-    ``torch.no_grad()`` is the caller's choice (:func:`calibrate` does).
+    collected statistic) and every module gets its previous mode back. If the body raises, the
+    statistics are put back as they were before, so a failed calibration leaves the model
+    unchanged. Calibrating under ``torch.no_grad()`` is the caller's choice (:func:`calibrate`
+    does).
     """
-    reset_calibration(model)
     collected, running = _stats_sources(model)
+    before = _snapshot(collected, running)
     limits = [source.collect_stats_steps for source in collected]
     proxies = quant_proxies(model)
     act_proxies = [p for p in proxies if isinstance(p, ActQuantProxyFromInjector) and not p.disable_quant]
     disabled_before = [p.disable_quant for p in proxies]
+    names = _layer_names(model)
     hooks = []
+    failed = False
     with eval_mode(model):
         try:
+            reset_calibration(model)
             for source in collected:
                 source.collect_stats_steps = _UNBOUNDED_STEPS
                 source.runtime_stats.set_counter_limit(_UNBOUNDED_STEPS)
             for proxy in act_proxies:
-                proxy.tensor_quant.train()
+                for module in proxy.tensor_quant.modules():
+                    if isinstance(module, ParameterFromRuntimeStats | RuntimeStats):
+                        module.train()
                 if check_inputs:
-                    hooks.append(_install_finite_check(proxy))
+                    hooks.append(_install_finite_check(proxy, names.get(id(proxy), proxy.describe())))
             if not quantize:
+                observing = {id(p) for p in act_proxies}
                 for proxy in proxies:
-                    if proxy not in act_proxies:
+                    if id(proxy) not in observing:
                         proxy.disable_quant = True
                 for proxy in act_proxies:
                     proxy.observe_only = True
             yield model
+        except BaseException:
+            failed = True
+            raise
         finally:
             for restore in hooks:
                 restore()
@@ -119,20 +169,25 @@ def calibration_mode(model: nn.Module, quantize: bool = False, check_inputs: boo
             for proxy, disabled in zip(proxies, disabled_before, strict=True):
                 proxy.disable_quant = disabled
             for source, limit in zip(collected, limits, strict=True):
-                _finish(source, limit)
-            for source in running:
-                source.sync_counter()
-    # eval_mode restored every module's mode, including the quantizers put in training mode.
+                source.collect_stats_steps = limit
+                source.runtime_stats.set_counter_limit(limit)
+            if failed:
+                _restore(before, collected)
+            else:
+                for source in collected:
+                    _finish(source)
+                for source in running:
+                    source.sync_counter()
+    # eval_mode restored every module's mode, including the statistics put in training mode.
 
 
-def _install_finite_check(proxy: ActQuantProxyFromInjector) -> Any:
-    """Wrap the proxy's core module so that non-finite inputs raise, naming the layer."""
-    tensor_quant = proxy.tensor_quant
+def _install_finite_check(proxy: ActQuantProxyFromInjector, name: str) -> Any:
+    """A pre-hook on the proxy's core module raising on non-finite inputs; returns its remover."""
 
     def check(_module: nn.Module, args: tuple) -> None:
-        check_finite(args, f"calibration: {proxy.describe()}")
+        check_finite(args, f"calibration: {name} ({proxy.describe()})")
 
-    handle = tensor_quant.register_forward_pre_hook(check)
+    handle = proxy.tensor_quant.register_forward_pre_hook(check)
     return handle.remove
 
 
@@ -151,12 +206,12 @@ def calibrate(
     ``forward_fn(model, batch)`` runs anything else.
     """
     run = forward_fn or call_model
-    seen = 0
-    with calibration_mode(model, quantize=quantize), torch.no_grad():
-        total = num_batches_of(data, num_batches)
-        for batch in progress_bar(batch_iterator(data, num_batches), desc="calibrating", total=total, enabled=progress):
-            run(model, batch)
-            seen += 1
-    if seen == 0:
+    batches = batch_iterator(data, num_batches)
+    first = next(batches, None)  # checked before anything is reset: a refused call changes nothing
+    if first is None:
         raise QuantInputError("calibrate: data yielded no batch; nothing was calibrated")
+    total = num_batches_of(data, num_batches)
+    with calibration_mode(model, quantize=quantize), torch.no_grad():
+        for batch in progress_bar(itertools.chain([first], batches), desc="calibrating", total=total, enabled=progress):
+            run(model, batch)
     return model

@@ -138,6 +138,7 @@ def use_learned_rounding(layer: QuantWBIOL) -> None:
         )
     if isinstance(tensor_quant.int_quant.float_to_int_impl, AdaRoundRounding):
         return
+    learned_state = tensor_quant.state_dict()
     proxy.quant_injector = proxy.quant_injector.let(
         int_quant=LearnedRoundIntQuant,
         float_to_int_impl=AdaRoundRounding,
@@ -146,6 +147,14 @@ def use_learned_rounding(layer: QuantWBIOL) -> None:
         learned_round_gamma=AdaRoundLearnedRounding.learned_round_gamma,
     )
     proxy.init_tensor_quant()
+    # A learned (LSQ, GPTQ-frozen) scale or zero point is kept: the rebuild starts from the
+    # declaration, the saved state puts back what training or calibration made of it.
+    incompatible = proxy.tensor_quant.load_state_dict(learned_state, strict=False)
+    if incompatible.unexpected_keys:
+        raise QuantConfigError(
+            f"{proxy.describe()}: learned rounding changed the quantizer's state layout "
+            f"({incompatible.unexpected_keys} no longer exist)"
+        )
 
 
 @dataclass(frozen=True)
@@ -249,12 +258,11 @@ def reconstruct(
     if not units:
         raise QuantConfigError(f"reconstruction: {type(model).__name__} has no weight-quantized layer to reconstruct")
     results = []
+    layers = [m for _, block in units for m in block.modules() if isinstance(m, QuantWBIOL) and m.weight_quant]
     with seeded(seed), eval_mode(model):
         _ensure_calibrated(model, data, num_batches, run)
-        for _, block in units:
-            for layer in block.modules():
-                if isinstance(layer, QuantWBIOL) and layer.weight_quant is not None:
-                    use_learned_rounding(layer)
+        for layer in layers:
+            use_learned_rounding(layer)
         with quantization_disabled(model):
             order = execution_order(model, [block for _, block in units], data, run)
         if len(order) < len(units):
@@ -269,6 +277,8 @@ def reconstruct(
                     drop_prob=drop_prob, learn_act_scale=learn_act_scale, act_lr=act_lr,
                 )
             )  # fmt: skip
+    for layer in layers:  # quantizers rebuilt above follow their proxy's restored mode
+        layer.weight_quant.tensor_quant.train(layer.weight_quant.training)
     return results
 
 
@@ -313,7 +323,7 @@ def _reconstruct_block(
         for p in trainable:
             p.requires_grad_(True)
         for rounding in roundings:
-            rounding.train()  # soft decisions
+            rounding.soft = True
         if drop_prob > 0.0:
             for proxy in act_proxies:
                 proxy.quant_drop_prob = drop_prob
@@ -331,7 +341,7 @@ def _reconstruct_block(
             optimizer.step()
     finally:
         for rounding in roundings:
-            rounding.eval()  # hard decisions from now on
+            rounding.soft = False  # hard decisions from now on
         for proxy, prob, training in saved_drop:
             proxy.quant_drop_prob = prob
             proxy.training = training

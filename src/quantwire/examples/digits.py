@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from quantwire.algorithms._utils import progress_bar, seeded
+from quantwire.algorithms.reconstruction import mark_block
 from quantwire.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from quantwire.nn.quantizer_kwargs import QuantSpec
 
@@ -65,7 +66,8 @@ class DigitsCNN(nn.Module):
     ReLU output (``act_quant`` also quantizes the pooled features the classifier reads);
     ``input_quant`` quantizes the image; ``weight_bit_width``/``act_bit_width`` override the
     quantizers' bit widths. The two conv stages are ``features.stage1``/``features.stage2``
-    sub-modules: the blocks that block reconstruction (BRECQ, QDrop) optimises as units.
+    sub-modules marked with :func:`~quantwire.algorithms.mark_block`: the units block
+    reconstruction (BRECQ, QDrop) optimises.
     """
 
     def __init__(
@@ -87,8 +89,8 @@ class DigitsCNN(nn.Module):
             return QuantReLU(act_quant=act_quant, **act_kwargs)
 
         self.input_quant = QuantIdentity(act_quant=input_quant)
-        stage1 = nn.Sequential(conv(1, 16), relu(), conv(16, 32), relu())
-        stage2 = nn.Sequential(nn.MaxPool2d(2), conv(32, 32), relu())
+        stage1 = mark_block(nn.Sequential(conv(1, 16), relu(), conv(16, 32), relu()))
+        stage2 = mark_block(nn.Sequential(nn.MaxPool2d(2), conv(32, 32), relu()))
         self.features = nn.Sequential()
         self.features.add_module("stage1", stage1)
         self.features.add_module("stage2", stage2)

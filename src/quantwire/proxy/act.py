@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantwire.errors import QuantConfigError
+from quantwire.errors import QuantConfigError, QuantInputError
 from quantwire.proxy.base import QuantProxyFromInjector, plain_value
 from quantwire.quant_tensor import QuantTensor
 
@@ -38,7 +38,12 @@ class ActQuantProxyFromInjector(QuantProxyFromInjector):
             raise QuantConfigError(f"{self.describe()}: quant_drop_prob must be in [0, 1], got {self.quant_drop_prob}")
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, ...]:
-        outputs = self.with_grad_quant(self.tensor_quant(x))
+        try:
+            outputs = self.tensor_quant(self.with_grad_quant(x))
+        except RuntimeError as error:  # e.g. an activation whose shape the learned scale can not take
+            raise QuantInputError(
+                f"{self.describe()}: can not quantize a tensor of shape {tuple(x.shape)}: {error}"
+            ) from error
         if self.quant_drop_prob > 0.0 and self.training:
             keep_float = torch.rand_like(x) < self.quant_drop_prob
             outputs = (torch.where(keep_float, x, outputs[0]), *outputs[1:])
@@ -60,7 +65,7 @@ class ActQuantProxyFromInjector(QuantProxyFromInjector):
         if self.disable_quant:
             return x
         if self.observe_only:
-            self.tensor_quant(plain_value(x))
+            self._quantize(plain_value(x))
             return x
         quant = self.to_quant_tensor(self._quantize(plain_value(x)))
         self._last = quant.detach()

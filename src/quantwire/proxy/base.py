@@ -101,12 +101,13 @@ class QuantProxyFromInjector(nn.Module):
     def _quantize_gradient(self, grad: Tensor) -> Tensor:
         return self.grad_tensor_quant(grad)[0]
 
-    def with_grad_quant(self, outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """``outputs`` with the gradient of its value quantized in the backward pass, when the
-        quantizer declares ``grad_quant``; unchanged otherwise."""
+    def with_grad_quant(self, x: Tensor) -> Tensor:
+        """``x`` (the tensor about to be quantized), whose gradient is quantized in the backward
+        pass when the quantizer declares ``grad_quant``: the gradient that leaves this quantizer
+        towards the layers before it lies on the gradient format's grid. Unchanged otherwise."""
         if self.grad_tensor_quant is None:
-            return outputs
-        return (quantize_gradient(outputs[0], self._quantize_gradient), *outputs[1:])
+            return x
+        return quantize_gradient(x, self._quantize_gradient)
 
     def _reference_tensor(self) -> Tensor | None:
         """The first floating-point parameter of the tracked layers: where quantizers live."""

@@ -248,7 +248,7 @@ class PerTokenPositionRuntimeStatsScaling(ExtendedInjector):
 
     @value
     def scaling_shape(num_tokens):
-        return (1, int(num_tokens), 1)
+        return (int(num_tokens), 1)  # broadcasts against (batch, tokens, features) and (tokens, features)
 
 
 # -- QAT and PTQ algorithms ---------------------------------------------------------------------
@@ -271,8 +271,8 @@ class PactClipping(ExtendedInjector):
 
 
 class AdaRoundLearnedRounding(ExtendedInjector):
-    """AdaRound: per-weight learned rounding up or down (soft in training, hard in eval), to be
-    optimised by :func:`quantwire.algorithms.adaround` or block reconstruction."""
+    """AdaRound: per-weight learned rounding up or down (hard decisions, soft while
+    :func:`quantwire.algorithms.adaround` or block reconstruction optimises them)."""
 
     int_quant = LearnedRoundIntQuant
     float_to_int_impl = AdaRoundRounding

@@ -13,10 +13,11 @@ class AdaRoundRounding(ScriptModule):
     """A ``float_to_int_impl`` that returns ``floor(y) + h(V)`` with one learned ``V`` per element.
 
     ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``, the rectified sigmoid, is the
-    soft decision used in training mode (what reconstruction optimises); in eval mode the
-    decision is hard, ``h = 1 if V >= 0 else 0``, so the result is an integer. ``V`` (the
+    soft decision, used while ``soft`` is set (what reconstruction does while it optimises
+    ``V``); otherwise, in training and eval alike, the decision is hard, ``h = 1 if V >= 0 else
+    0``, so the result is an integer and the quantized weight lies on the grid. ``V`` (the
     parameter ``value``, of ``learned_round_shape``: the weight's) is initialised on the first
-    call from the fractional part of ``y`` (``h(V) = y - floor(y)``), which makes the hard
+    call from the fractional part of ``y`` (``h(V) = y - floor(y)``, at least 1e-5), which makes the hard
     decision round to nearest (ties up) until ``V`` is learned; the ``initialized`` buffer
     records that this happened, so a loaded ``V`` is kept.
 
@@ -38,6 +39,7 @@ class AdaRoundRounding(ScriptModule):
             )
         self.zeta = zeta
         self.gamma = gamma
+        self.soft = False
         self.value = nn.Parameter(torch.zeros(check_shape(tuple(learned_round_shape), "learned_round_shape")))
         self.register_buffer("initialized", torch.tensor(False))
 
@@ -54,7 +56,10 @@ class AdaRoundRounding(ScriptModule):
     @script_method
     def init_from(self, y: Tensor) -> None:
         """Set ``V`` so that ``h(V)`` is the fractional part of ``y``."""
-        rest = (y - torch.floor(y)).detach().reshape(self.value.shape)
+        # A whole y (fraction 0) starts a hair above h = 0, inside the clamp: its gradient is then
+        # the sigmoid's, not a tie at the clamp's edge that fused TorchScript graphs break
+        # differently from eager mode. The hard decision (round down) is the same.
+        rest = (y - torch.floor(y)).detach().reshape(self.value.shape).clamp_min(1e-5)
         ratio = (self.zeta - self.gamma) / (rest - self.gamma) - 1.0
         self.value.detach().copy_(-torch.log(ratio))
         self.initialized.fill_(True)
@@ -63,7 +68,7 @@ class AdaRoundRounding(ScriptModule):
     def forward(self, y: Tensor) -> Tensor:
         if not bool(self.initialized):
             self.init_from(y)
-        decision = self.soft_decision() if self.training else self.hard_decision()
+        decision = self.soft_decision() if self.soft else self.hard_decision()
         return floor_ste(y) + decision.reshape(y.shape)
 
     def regularization(self, beta: float) -> Tensor:
