@@ -8,6 +8,6 @@ calibrates and optimises them.
 
 __version__ = "0.1.0"
 
-from quantwire.algorithms import calibrate, calibration_mode  # noqa: E402
+from quantwire.algorithms import calibrate, calibration_mode, prune, sparsity  # noqa: E402
 
-__all__ = ["__version__", "calibrate", "calibration_mode"]
+__all__ = ["__version__", "calibrate", "calibration_mode", "prune", "sparsity"]

@@ -11,6 +11,7 @@ from quantwire.algorithms.calibration import calibrate, calibration_mode, reset_
 from quantwire.algorithms.equalize import equalize, find_equalization_pairs, find_smooth_quant_groups, smooth_quant
 from quantwire.algorithms.freeze import freeze_weight_quantizer, quantize_weight_tensors
 from quantwire.algorithms.gptq import gptq
+from quantwire.algorithms.pruning import LayerSparsity, SparsityReport, prune, sparsity
 from quantwire.algorithms.reconstruction import (
     ReconstructionResult,
     adaround,
@@ -24,6 +25,8 @@ from quantwire.algorithms.reconstruction import (
 )
 
 __all__ = [
+    "LayerSparsity",
+    "SparsityReport",
     "ReconstructionResult",
     "adaround",
     "bias_correction",
@@ -37,11 +40,13 @@ __all__ = [
     "freeze_weight_quantizer",
     "gptq",
     "mark_block",
+    "prune",
     "qdrop",
     "reconstruct",
     "register_block_type",
     "quantize_weight_tensors",
     "reset_calibration",
     "smooth_quant",
+    "sparsity",
     "use_learned_rounding",
 ]
