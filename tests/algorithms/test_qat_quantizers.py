@@ -36,6 +36,7 @@ from quantwire.quant.qat import (
     Int4WeightPerChannelLsq,
     Int8ActLsq,
     Int8ActPerTokenLsq,
+    Int8WeightPerChannelLsq,
     Uint4ActPact,
     Uint8ActLsqPlus,
 )
@@ -441,3 +442,26 @@ class WithBrokenGradQuant(Int8ActPerTensorFloat):
 def test_bad_grad_quant_raises(quant):
     with pytest.raises(QuantConfigError, match="grad_quant"):
         QuantIdentity(act_quant=quant)
+
+
+class Int8WeightE5M2Grad(Int8WeightPerChannelLsq):
+    """LSQ weights whose gradient is quantized to E5M2 on its way to the float weight."""
+
+    grad_quant = Fp8e5m2GradPerTensorFloat
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weight_gradient_is_quantized_to_e5m2(seed):
+    torch.manual_seed(seed)
+    layer = QuantLinear(16, 8, weight_quant=Int8WeightE5M2Grad)
+    plain = QuantLinear(16, 8, weight_quant=Int8WeightPerChannelLsq)
+    plain.load_state_dict(layer.state_dict())
+    x, upstream = torch.randn(32, 16), torch.randn(32, 8) * 1e-3
+    out, plain_out = layer(x), plain(x)
+    assert torch.equal(out, plain_out)  # the forward pass is untouched
+    out.backward(upstream)
+    plain_out.backward(upstream)
+    grad, reference = layer.weight.grad, plain.weight.grad
+    scale = reference.abs().max() / E5M2_MAX
+    assert torch.equal(grad, (reference / scale).to(torch.float8_e5m2).float() * scale)
+    assert not torch.equal(grad, reference)
