@@ -8,7 +8,8 @@ always quantized to 8 bits, unsigned) reports test accuracy for:
 
 - RTN min-max: round to nearest, abs-max weight scales, running min-max activation calibration;
 - RTN MSE: MSE-optimal weight thresholds and MSE activation calibration;
-- AdaRound, BRECQ, QDrop: reconstruction from the MSE model on 256 calibration images
+- AdaRound, BRECQ, QDrop: reconstruction from the MSE model on 256 calibration images, 1000
+  steps per block (AdaRound: weight rounding only; BRECQ and QDrop also learn activation scales)
   (BRECQ/QDrop reconstruct the two conv stages as blocks, then the classifier);
 - GPTQ: second-order weight rounding from the MSE model;
 - LSQ QAT: LSQ weights and activations initialised by calibration, fine-tuned a few epochs.

@@ -366,10 +366,17 @@ def adaround(
     return reconstruct(model, data, blocks=names, **kwargs)
 
 
-def brecq(model: nn.Module, data: Iterable, blocks: Sequence[str | nn.Module] | None = None, **kwargs):
+def brecq(
+    model: nn.Module,
+    data: Iterable,
+    blocks: Sequence[str | nn.Module] | None = None,
+    learn_act_scale: bool = True,
+    **kwargs,
+) -> list[ReconstructionResult]:
     """BRECQ-style block reconstruction: blocks from :func:`find_blocks` unless given (mark your
-    own with :func:`mark_block`). Keyword arguments as in :func:`reconstruct`."""
-    return reconstruct(model, data, blocks=blocks, **kwargs)
+    own with :func:`mark_block`); as in the paper, the activation step sizes inside each block
+    are learned with the rounding. Keyword arguments as in :func:`reconstruct`."""
+    return reconstruct(model, data, blocks=blocks, learn_act_scale=learn_act_scale, **kwargs)
 
 
 def qdrop(
