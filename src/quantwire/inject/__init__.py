@@ -7,7 +7,7 @@ constructor arguments are looked up, recursively, among ``MyQuant``'s attributes
 This package is the only place that touches the internals of the ``dependencies`` library.
 """
 
-from quantwire.inject._injector import DependencyError, ExtendedInjector, this, value
+from quantwire.inject._injector import DependencyError, ExtendedInjector, compose, this, value
 from quantwire.inject._introspect import wireable_names
 
-__all__ = ["DependencyError", "ExtendedInjector", "this", "value", "wireable_names"]
+__all__ = ["DependencyError", "ExtendedInjector", "compose", "this", "value", "wireable_names"]

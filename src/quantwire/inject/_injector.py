@@ -277,11 +277,40 @@ def _let(cls: type, **overrides: Any) -> type:
     return derived
 
 
+def compose(*quantizers: type, name: str | None = None) -> type:
+    """A quantizer inheriting from ``quantizers`` in order (mixins first, as in a class
+    statement), picklable like one declared in a module: ``compose(MSEObserver, Int8ActPerTensorFloat)``.
+
+    Programs that assemble quantizers from a configuration use it instead of ``type(...)``,
+    whose classes can not be pickled (and so not deep-copied with a model or sent to worker
+    processes).
+    """
+    if not quantizers:
+        raise DependencyError("compose() needs at least one quantizer")
+    for quantizer in quantizers:
+        if not (isinstance(quantizer, type) and issubclass(quantizer, ExtendedInjector)):
+            raise DependencyError(f"compose() takes quantizer classes (ExtendedInjector subclasses), got {quantizer!r}")
+    if len(quantizers) == 1 and name is None:
+        return quantizers[0]
+    name = name or "".join(q.__name__ for q in quantizers)
+    composed = type(quantizers[0])(name, tuple(quantizers), {"__module__": __name__, "__qualname__": name})
+    type.__setattr__(composed, "__compose_parts__", (tuple(quantizers), name))
+    return composed
+
+
 def _reduce_injector(cls: type) -> Any:
-    """Pickle an injector by reference, or a ``let``-derived one as its base plus overrides."""
+    """Pickle an injector by reference, a ``let``-derived one as its base plus overrides and a
+    composed one as its parts."""
     if "__let_base__" in cls.__dict__:
         return _rebuild_let, (cls.__let_base__, cls.__let_overrides__)
+    if "__compose_parts__" in cls.__dict__:
+        parts, name = cls.__compose_parts__
+        return _rebuild_composed, (parts, name)
     return cls.__qualname__
+
+
+def _rebuild_composed(parts: tuple[type, ...], name: str) -> type:
+    return compose(*parts, name=name)
 
 
 def _rebuild_let(base: type, overrides: dict[str, Any]) -> type:

@@ -1,6 +1,6 @@
 """Quant layers: drop-in replacements for their ``torch.nn`` twins with quantizers attached."""
 
-from quantwire.nn.activation import QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid, QuantTanh
+from quantwire.nn.activation import QuantActivation, QuantHardTanh, QuantIdentity, QuantReLU, QuantSigmoid, QuantTanh
 from quantwire.nn.attention import QuantMultiheadAttention, QuantScaledDotProductAttention
 from quantwire.nn.base import QuantActLayer, QuantLayer, QuantWBIOL
 from quantwire.nn.conv import (
@@ -24,6 +24,7 @@ from quantwire.nn.pool import (
 
 __all__ = [
     "QuantActLayer",
+    "QuantActivation",
     "QuantAdaptiveAvgPool2d",
     "QuantAvgPool2d",
     "QuantCat",

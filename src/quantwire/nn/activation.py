@@ -1,4 +1,4 @@
-"""Quantized activations: identity, ReLU, hard-tanh, sigmoid, tanh."""
+"""Quantized activations: identity, ReLU, hard-tanh, sigmoid, tanh, and any other wrapped."""
 
 from __future__ import annotations
 
@@ -91,3 +91,22 @@ class QuantTanh(QuantActLayer):
     ) -> None:
         super().__init__()
         self._init_quant(nn.Tanh(), act_quant, input_quant, return_quant_tensor, kwargs)
+
+
+class QuantActivation(QuantActLayer):
+    """Any element-wise activation module (``nn.GELU()``, ``nn.SiLU()``, ``nn.ReLU()``, ...)
+    followed by an activation quantizer: what model conversion puts in place of an activation
+    the config quantizes. The float module is kept as ``act_impl``."""
+
+    def __init__(
+        self,
+        act_impl: nn.Module,
+        act_quant: QuantSpec = Int8ActPerTensorFloat,
+        input_quant: QuantSpec = None,
+        return_quant_tensor: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(act_impl, nn.Module):
+            raise TypeError(f"QuantActivation: act_impl must be an nn.Module, got {type(act_impl).__name__}")
+        self._init_quant(act_impl, act_quant, input_quant, return_quant_tensor, kwargs)

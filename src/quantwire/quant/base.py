@@ -163,6 +163,15 @@ class RuntimeStatsScaling(ExtendedInjector):
     scaling_shape = ()
 
 
+class DynamicPerTensorScaling(ExtendedInjector):
+    """The abs-max of each tensor, recomputed on every call (dynamic activation quantization,
+    gradients)."""
+
+    scaling_impl = StatsScaling
+    scaling_stats_impl = AbsMax
+    scaling_stats_input_view_shape_impl = OverTensorView
+
+
 class DynamicPerTokenScaling(ExtendedInjector):
     """Abs-max of each token (row of the last dim), recomputed on every call."""
 

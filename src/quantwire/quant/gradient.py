@@ -1,11 +1,14 @@
 """Quantizers whose gradients are quantized too: forward and backward formats chosen separately,
 as INT-FP-QSim does (e.g. E3M4 forward, E5M2 backward)."""
 
-from quantwire.core.function_wrapper import OverTensorView
-from quantwire.core.scaling import StatsScaling
-from quantwire.core.stats import AbsMax
-from quantwire.inject import ExtendedInjector
-from quantwire.quant.base import ActQuantSolver, FloatQuantSolver, Fp8e4m3Mixin, Fp8e5m2Mixin, RuntimeStatsScaling
+from quantwire.quant.base import (
+    ActQuantSolver,
+    DynamicPerTensorScaling,
+    FloatQuantSolver,
+    Fp8e4m3Mixin,
+    Fp8e5m2Mixin,
+    RuntimeStatsScaling,
+)
 
 __all__ = [
     "Fp8e3m4ActFp8e5m2Grad",
@@ -13,14 +16,6 @@ __all__ = [
     "Fp8e4m3GradPerTensorFloat",
     "Fp8e5m2GradPerTensorFloat",
 ]
-
-
-class DynamicPerTensorScaling(ExtendedInjector):
-    """The abs-max of each tensor, recomputed on every call (gradients change every step)."""
-
-    scaling_impl = StatsScaling
-    scaling_stats_impl = AbsMax
-    scaling_stats_input_view_shape_impl = OverTensorView
 
 
 class Fp8e5m2GradPerTensorFloat(Fp8e5m2Mixin, FloatQuantSolver, DynamicPerTensorScaling):

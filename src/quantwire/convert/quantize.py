@@ -1,0 +1,125 @@
+"""``quantize_model``: a float model in, a new model of quantwire layers out."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from quantwire.convert.config import QuantConfig, preset
+from quantwire.convert.registry import Conversion, find_handler
+from quantwire.errors import QuantConfigError
+from quantwire.nn.base import QuantLayer
+from quantwire.proxy import QuantProxyFromInjector
+
+__all__ = ["ConvertedModule", "as_config", "quantize_model"]
+
+CONFIG_ATTRIBUTE = "quantwire_config"
+"""The attribute of a converted model that holds the config it was converted with."""
+
+
+class ConvertedModule:
+    """Marker base of the quantized twins that handlers swap in for float blocks (a ResNet
+    ``BasicBlock`` becomes a ``QuantBasicBlock``): conversion does not convert them again."""
+
+
+def as_config(config: QuantConfig | Mapping[str, Any] | str | Path | None) -> QuantConfig:
+    """A :class:`QuantConfig` from a config, a mapping, a preset name or a ``.yaml``/``.json``
+    path (None: the default W8A8 config)."""
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, Mapping):
+        return QuantConfig.from_dict(config)
+    is_file_name = isinstance(config, str) and Path(config).suffix.lower() in (".yaml", ".yml", ".json")
+    if isinstance(config, Path) or is_file_name:
+        return QuantConfig.from_file(config)
+    if isinstance(config, str):
+        return preset(config)
+    raise QuantConfigError(
+        f"a quantization config is a QuantConfig, a mapping, a preset name or a file; got {config!r}"
+    )
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | Mapping[str, Any] | str | Path | None = None,
+    *,
+    inplace: bool = False,
+) -> nn.Module:
+    """A quantized copy of ``model``: every module a handler knows (``nn.Linear``, ``nn.Conv2d``,
+    residual blocks, attention, ...) replaced by its quantwire twin with the float weights
+    copied, quantized as ``config`` says (a :class:`QuantConfig`, a mapping, a preset name such
+    as ``"w4a8"`` or a YAML/JSON file; default W8A8). The float model is left untouched unless
+    ``inplace=True``. The returned model is in the training mode ``model`` was in; its
+    activation quantizers still have to be calibrated (:func:`quantwire.calibrate`) or trained.
+
+    Raises :class:`~quantwire.errors.QuantConfigError` for a config that does not fit the
+    model (an override that matches no layer, a setting a layer can not take).
+    """
+    config = as_config(config)
+    if not isinstance(model, nn.Module):
+        raise QuantConfigError(f"quantize_model takes a torch.nn.Module, got {type(model).__name__}")
+    _check_overrides_match(model, config)
+    training = model.training
+    qmodel = model if inplace else copy.deepcopy(model)
+    if config.fold_bn:
+        from quantwire.convert.fold_bn import fold_batch_norms
+
+        fold_batch_norms(qmodel, config)
+    qmodel = _convert(qmodel, "", qmodel, config) or qmodel
+    qmodel.train(training)
+    object.__setattr__(qmodel, CONFIG_ATTRIBUTE, config)
+    return qmodel
+
+
+def _convert(module: nn.Module, name: str, root: nn.Module, config: QuantConfig) -> nn.Module | None:
+    """Convert ``module`` (called ``name``) and what lies inside it; the replacement, or None
+    when the module itself stays (its children may have changed)."""
+    if isinstance(module, QuantLayer | QuantProxyFromInjector | ConvertedModule):
+        return None
+    settings = config.for_layer(name, module)
+    if settings.skip:
+        return None
+    found = find_handler(module)
+    replacement = None
+    recurse = True
+    if found is not None:
+        handler, recurse = found
+        replacement = handler(module, Conversion(name, settings, config, root))
+        if replacement is None:
+            recurse = True
+    if recurse:
+        _convert_children(replacement if replacement is not None else module, name, root, config)
+    return replacement
+
+
+def _convert_children(module: nn.Module, prefix: str, root: nn.Module, config: QuantConfig) -> None:
+    for child_name, child in list(module.named_children()):
+        qualified = f"{prefix}.{child_name}" if prefix else child_name
+        replacement = _convert(child, qualified, root, config)
+        if replacement is not None and replacement is not child:
+            setattr(module, child_name, replacement)
+
+
+def _check_overrides_match(model: nn.Module, config: QuantConfig) -> None:
+    """Every override must name at least one layer of the model: a typo in a pattern would
+    otherwise quietly quantize the layer it meant to protect."""
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    for override in config.overrides:
+        if any(override.matches(name, module) for name, module in modules):
+            continue
+        what = []
+        if override.name is not None:
+            what.append(f"name={override.name!r}")
+        if override.type is not None:
+            what.append(f"type={override.layer_type().__qualname__}")
+        names = [name for name, _ in modules]
+        close = difflib.get_close_matches(override.name or "", names, n=3) if override.name else []
+        hint = f"; close names: {', '.join(close)}" if close else f"; names look like: {', '.join(names[:5])}"
+        raise QuantConfigError(f"override {' '.join(what)} matches no layer of {type(model).__name__}{hint}")
