@@ -9,5 +9,25 @@ calibrates and optimises them.
 __version__ = "0.1.0"
 
 from quantwire.algorithms import calibrate, calibration_mode, prune, sparsity  # noqa: E402
+from quantwire.convert import (  # noqa: E402
+    Override,
+    QuantConfig,
+    TensorQuant,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 
-__all__ = ["__version__", "calibrate", "calibration_mode", "prune", "sparsity"]
+__all__ = [
+    "Override",
+    "QuantConfig",
+    "TensorQuant",
+    "__version__",
+    "calibrate",
+    "calibration_mode",
+    "load_quantized",
+    "prune",
+    "quantize_model",
+    "save_quantized",
+    "sparsity",
+]

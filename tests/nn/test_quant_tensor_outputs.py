@@ -353,7 +353,9 @@ def test_eltwise_add_through_a_frozen_shared_quantizer() -> None:
     a, b = torch.randn(4, 5), torch.randn(4, 5) * 3
     layer.train()
     during_collection = layer(a, b)
-    assert isinstance(during_collection, Tensor)  # each operand still has its own batch scale
+    # the operands are quantized in one call: one grid covering both, even while collecting
+    assert isinstance(during_collection, IntQuantTensor) and during_collection.is_valid
+    assert during_collection.scale * 127 >= 0.99 * torch.cat([a, b]).abs().max()
     calibrate(layer, a, b, steps=300)
     output = layer(a, b)
     quant_a, quant_b = layer.input_quant(a), layer.input_quant(b)

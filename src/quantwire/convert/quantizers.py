@@ -57,7 +57,7 @@ def _plain_overrides(settings: TensorQuant) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if settings.bit_width is not None:
         overrides["bit_width"] = settings.bit_width
-    if settings.group_size is not None:
+    if settings.group_size is not None and settings.granularity == "group":
         overrides["group_size"] = settings.group_size
     overrides.update(settings.options)
     return overrides

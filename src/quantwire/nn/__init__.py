@@ -11,6 +11,7 @@ from quantwire.nn.conv import (
     QuantConvTranspose2d,
 )
 from quantwire.nn.embedding import QuantEmbedding
+from quantwire.nn.fused import QuantConvBn1d, QuantConvBn2d
 from quantwire.nn.linear import QuantLinear
 from quantwire.nn.merge import QuantCat, QuantEltwiseAdd
 from quantwire.nn.normalization import QuantLayerNorm
@@ -37,6 +38,8 @@ __all__ = [
     "QuantScaledDotProductAttention",
     "QuantUpsample",
     "QuantConv1d",
+    "QuantConvBn1d",
+    "QuantConvBn2d",
     "QuantConv2d",
     "QuantConv3d",
     "QuantConvTranspose1d",

@@ -32,11 +32,23 @@ class _QuantMerge(QuantLayer):
         )
 
     def _quantize_inputs(self, tensors: tuple[Any, ...]) -> list[Any]:
+        """Every operand on the shared quantizer's grid (QuantTensors when asked for).
+
+        The shared quantizer sees all operands in one call: while it collects statistics
+        (training, calibration) its range must cover every operand, not average the ranges of
+        separate calls (which would clip the larger operand). Once its scale is fixed, this
+        equals quantizing each operand on its own."""
         if self.input_quant is None:
             return [t if self.return_quant_tensor else plain_value(t) for t in tensors]
-        if self.return_quant_tensor:
-            return [self.input_quant(t) for t in tensors]
-        return [self.input_quant.fake_quant(t) for t in tensors]
+        values = [plain_value(t) for t in tensors]
+        quantize = self.input_quant if self.return_quant_tensor else self.input_quant.fake_quant
+        if all(v.shape == values[0].shape for v in values):
+            joint = quantize(torch.stack(values))
+            return [joint[i] for i in range(len(values))]
+        if self.return_quant_tensor:  # operands that broadcast: one call each
+            return [quantize(v) for v in values]
+        flat = quantize(torch.cat([v.reshape(-1) for v in values]))
+        return [part.reshape(v.shape) for part, v in zip(flat.split([v.numel() for v in values]), values, strict=True)]
 
     def _quantize_output(self, output: Any) -> Tensor | QuantTensor:
         if self.output_quant is not None:

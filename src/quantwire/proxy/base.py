@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +23,25 @@ def _forgive_missing_quantizer_keys(proxy: QuantProxyFromInjector, incompatible_
         prefix = proxy._load_prefix + "tensor_quant."
         missing = incompatible_keys.missing_keys
         missing[:] = [key for key in missing if not key.startswith(prefix)]
+
+
+# Whether loading a state dict reshapes quantizer tensors to the saved shapes (set by
+# :func:`adapting_quantizer_shapes`; a one-element list so that the flag is shared by reference).
+_ADAPT_SHAPES = [False]
+
+
+@contextlib.contextmanager
+def adapting_quantizer_shapes() -> Iterator[None]:
+    """Within this context, ``load_state_dict`` gives each rebuilt quantizer's tensors the
+    shapes the state dict holds (Torch2Chip's ``reshape_quantizer``): for checkpoints whose
+    quantizer shapes depend on data the quantizer saw. Used by
+    :func:`quantwire.convert.load_quantized`; weights must still match exactly."""
+    previous = _ADAPT_SHAPES[0]
+    _ADAPT_SHAPES[0] = True
+    try:
+        yield
+    finally:
+        _ADAPT_SHAPES[0] = previous
 
 
 class QuantProxyFromInjector(nn.Module):
@@ -135,6 +156,20 @@ class QuantProxyFromInjector(nn.Module):
         )
         self._load_prefix = prefix
         self.init_tensor_quant()
+        if _ADAPT_SHAPES[0]:
+            self._adapt_tensor_quant_shapes(state_dict, prefix + "tensor_quant.")
+
+    def _adapt_tensor_quant_shapes(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Give the rebuilt quantizer's tensors the shapes the state dict has (a learned scale
+        whose shape depends on data, e.g. one per token position), so that they load."""
+        if self.tensor_quant is None:
+            return
+        tensors = dict(self.tensor_quant.named_parameters()) | dict(self.tensor_quant.named_buffers())
+        for name, tensor in tensors.items():
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != tensor.shape:
+                with torch.no_grad():
+                    tensor.data = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
 
     # -- describing ---------------------------------------------------------------------------
 

@@ -228,15 +228,17 @@ class PowerOfTwoScaling(ExtendedInjector):
 class ParameterFromWeightStatsScaling(ExtendedInjector):
     """A learned weight scale, initialised when the quantizer is built from the statistic of the
     layer's weight that ``scaling_stats_impl`` computes over ``scaling_stats_input_view_shape_impl``
-    (per tensor or per output channel). Rebuilt from the loaded weight on ``load_state_dict``,
-    after which a saved learned scale wins."""
+    (per tensor or per output channel). A layer that quantizes something other than its
+    ``weight`` (a conv with a folded BatchNorm) says what through ``quant_weight_source()``.
+    Rebuilt from the loaded weight on ``load_state_dict``, after which a saved learned scale wins."""
 
     scaling_impl = ParameterScaling
 
     @value
     def scaling_init(module, scaling_stats_impl, scaling_stats_input_view_shape_impl):
         layer = module[0] if isinstance(module, tuple) else module
-        weight = getattr(layer, "weight", None)
+        source = getattr(layer, "quant_weight_source", None)
+        weight = source() if callable(source) else getattr(layer, "weight", None)
         if weight is None:
             raise QuantConfigError(f"{type(layer).__name__} has no weight to initialise a learned scale from")
         stats = TensorStats(scaling_stats_impl, scaling_stats_input_view_shape_impl)

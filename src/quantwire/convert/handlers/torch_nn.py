@@ -7,6 +7,7 @@ from torch import nn
 
 from quantwire import nn as qnn
 from quantwire.convert.registry import Conversion, register_handler
+from quantwire.errors import QuantConfigError
 
 _WBIOL = {
     nn.Linear: qnn.QuantLinear,
@@ -22,10 +23,27 @@ _WBIOL = {
 def convert_weight_layer(module: nn.Module, conversion: Conversion) -> nn.Module | None:
     """Linear and convolutions: weight, input, output and bias quantizers from the config."""
     quant_cls = _WBIOL[_nearest(type(module), _WBIOL)]
+    _check_group_size(module, quant_cls, conversion)
     kwargs = conversion.wbiol_quantizers()
     if all(quant is None for quant in kwargs.values()):
         return None
     return quant_cls.from_float(module, **kwargs)
+
+
+def _check_group_size(module: nn.Module, quant_cls: type, conversion: Conversion) -> None:
+    """Per-group weights need ``group_size`` to divide the input channels: say so at conversion
+    time, naming the layer, instead of failing in the first forward."""
+    settings = conversion.settings.weight
+    if settings is None or settings.granularity != "group":
+        return
+    group_size = settings.group_size or settings.options.get("group_size") or 32
+    channels = module.weight.shape[quant_cls.input_channel_dim]
+    if channels % group_size:
+        raise QuantConfigError(
+            f"{conversion.name}: {type(module).__name__} has {channels} input channels, which groups of "
+            f"group_size={group_size} do not divide; override it, e.g. "
+            f"{{name: {conversion.name}, weight: {{granularity: channel}}}}"
+        )
 
 
 def _nearest(cls: type, table: dict[type, type]) -> type:
