@@ -29,6 +29,7 @@ from quantwire.convert.config import QuantConfig
 from quantwire.convert.quantize import CONFIG_ATTRIBUTE, as_config, quantize_model
 from quantwire.errors import QuantConfigError, QuantwireError
 from quantwire.inject import ExtendedInjector, compose
+from quantwire.inject import value as injector_value
 from quantwire.proxy import QuantProxyFromInjector
 from quantwire.proxy.base import adapting_quantizer_shapes
 
@@ -52,6 +53,16 @@ def _class_ref(cls: type) -> dict[str, str]:
             "use at module level so that a checkpoint can name them"
         )
     return {"class": ref}
+
+
+def _function_ref(function: Any) -> str:
+    ref = f"{function.__module__}:{function.__qualname__}"
+    if _import_ref(ref, "") is not function:
+        raise CheckpointError(
+            f"the @value function {function.__qualname__} can not be found again as {ref!r}: "
+            "a quantizer attribute set with let(...) must be a module-level function to be saved"
+        )
+    return ref
 
 
 def _import_ref(ref: str, where: str) -> Any:
@@ -92,6 +103,9 @@ def _encode(value: Any) -> Any:
         return {"tuple" if isinstance(value, tuple) else "list": [_encode(v) for v in value]}
     if isinstance(value, Mapping):
         return {"dict": {str(k): _encode(v) for k, v in value.items()}}
+    function = getattr(value, "__function__", None)  # a @value declaration
+    if callable(function):
+        return {"value": _function_ref(function)}
     raise CheckpointError(f"a quantizer attribute of type {type(value).__name__} ({value!r}) can not be saved")
 
 
@@ -111,6 +125,8 @@ def _decode(value: Any, where: str) -> Any:
         return decode_quantizer(value["injector"], where)
     if "class" in value:
         return _import_ref(value["class"], where)
+    if "value" in value:
+        return injector_value(_import_ref(value["value"], where))
     if "tensor" in value:
         # A placeholder of the saved shape (ones: a valid scale); the state dict holds the values.
         return torch.ones(value["tensor"], dtype=getattr(torch, value["dtype"]))
@@ -227,7 +243,7 @@ def load_quantized(
     state, metadata = read_checkpoint(path)
     config = as_config(config) if config is not None else QuantConfig.from_dict(metadata["config"])
     qmodel = quantize_model(float_model, config)
-    _redeclare_quantizers(qmodel, metadata.get("quantizers", {}), str(path))
+    _redeclare_quantizers(qmodel, metadata.get("quantizers", {}), f"{path} does not fit {type(float_model).__name__}")
     try:
         with adapting_quantizer_shapes():
             qmodel.load_state_dict(state, strict=True)
