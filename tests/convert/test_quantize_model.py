@@ -169,3 +169,36 @@ def test_a_user_registers_a_handler_for_their_own_block():
 def test_a_handler_registration_names_a_type():
     with pytest.raises(QuantConfigError, match="neither a class nor a dotted class name"):
         register_handler(42)(lambda module, conversion: None)
+
+
+class TiedLanguageModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+def test_tied_weights_stay_tied_through_conversion_and_training():
+    qmodel = quantwire.quantize_model(TiedLanguageModel())
+    assert qmodel.head.weight is qmodel.embed.weight
+    optimizer = torch.optim.SGD(qmodel.parameters(), lr=0.1)
+    qmodel(torch.randint(0, 30, (2, 5))).square().mean().backward()
+    optimizer.step()
+    assert qmodel.head.weight is qmodel.embed.weight
+    assert len(list(qmodel.parameters())) == len({id(p) for p in qmodel.parameters()})
+
+
+class LinearWithItsOwnForward(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).relu()
+
+
+def test_a_subclass_with_its_own_forward_is_left_float_with_a_warning():
+    model = nn.Sequential(LinearWithItsOwnForward(4, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="0: .*LinearWithItsOwnForward subclasses Linear with its own forward"):
+        qmodel = quantwire.quantize_model(model)
+    assert type(qmodel[0]) is LinearWithItsOwnForward and isinstance(qmodel[1], QuantLinear)

@@ -35,17 +35,16 @@ settings_strategy = st.builds(
 
 
 def _build(kind: str, settings: TensorQuant) -> QuantLinear | None:
+    static_per_token = settings.dynamic is False or settings.method in ("lsq", "lsq_plus")
+    if kind == "input" and settings.granularity == "token" and static_per_token:
+        settings = settings.merged({"options": {"num_tokens": 5}})  # one learned scale per token position
     try:
         quantizer = quantizer_for(kind, settings, "net.fc")
     except QuantConfigError as error:
         assert "net.fc" in str(error)
         return None
     role = "weight_quant" if kind == "weight" else "input_quant"
-    kwargs = {"weight_quant": None, role: quantizer}
-    static_per_token = settings.dynamic is False or settings.method in ("lsq", "lsq_plus")
-    if kind == "input" and settings.granularity == "token" and static_per_token:
-        kwargs["input_num_tokens"] = 5  # one learned scale per token position
-    return QuantLinear(16, 4, **kwargs)
+    return QuantLinear(16, 4, **{"weight_quant": None, role: quantizer})
 
 
 @given(settings=settings_strategy)

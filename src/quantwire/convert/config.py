@@ -387,6 +387,21 @@ def _w8a8_per_tensor() -> QuantConfig:
     return QuantConfig(weight=TensorQuant(bit_width=8, granularity="tensor"))
 
 
+def _w8a8_per_token() -> QuantConfig:
+    """W8A8 for transformers (as SmoothQuant's and ZeroQuant's int8 kernels run): per-channel
+    weights, activations and residual adds with one dynamic scale per token, so that a token's
+    outlier channels do not flatten every other token."""
+    token = TensorQuant(bit_width=8, granularity="token", dynamic=True)
+    return QuantConfig(input=token, residual=token)
+
+
+def _w8a8_residual16() -> QuantConfig:
+    """Static W8A8 matrix products with 16-bit residual adds: transformers whose residual
+    stream carries outliers (BERT's reach 100x the typical value) keep it precise, and every
+    scale stays static for the integer backend."""
+    return QuantConfig(residual=TensorQuant(bit_width=16))
+
+
 def _w4a8() -> QuantConfig:
     return QuantConfig(weight=TensorQuant(bit_width=4, granularity="channel", observer="mse"))
 
@@ -465,6 +480,8 @@ def _w4a4_lsq() -> QuantConfig:
 PRESETS = {
     "w8a8": _w8a8,
     "w8a8_per_tensor": _w8a8_per_tensor,
+    "w8a8_per_token": _w8a8_per_token,
+    "w8a8_residual16": _w8a8_residual16,
     "w4a8": _w4a8,
     "w4a4": _w4a4,
     "w4a16_group": _w4a16_group,
@@ -475,7 +492,8 @@ PRESETS = {
     "w4a4_lsq": _w4a4_lsq,
 }
 """Preset schemes by name: W8A8 (per-channel weights, per-tensor activations, the default),
-its per-tensor variant, W4A8 and W4A4 (MSE-calibrated), W4A16 per-group (weight only), FP8
+its per-tensor-weight variant, its per-token dynamic variant and its 16-bit-residual variant
+(transformers), W4A8 and W4A4 (MSE-calibrated), W4A16 per-group (weight only), FP8
 E4M3, dynamic int8 and weight-only int8 (as ``torch.ao.quantization.quantize_dynamic``), and
 the LSQ QAT schemes."""
 

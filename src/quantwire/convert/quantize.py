@@ -72,7 +72,9 @@ def quantize_model(
         from quantwire.convert.fold_bn import fold_batch_norms
 
         fold_batch_norms(qmodel, config)
+    tied = _tied_parameters(qmodel)
     qmodel = _convert(qmodel, "", qmodel, config) or qmodel
+    _retie_parameters(qmodel, tied)
     qmodel.train(training)
     object.__setattr__(qmodel, CONFIG_ATTRIBUTE, config)
     return qmodel
@@ -86,7 +88,7 @@ def _convert(module: nn.Module, name: str, root: nn.Module, config: QuantConfig)
     settings = config.for_layer(name, module)
     if settings.skip:
         return None
-    found = find_handler(module)
+    found = find_handler(module, name)
     replacement = None
     recurse = True
     if found is not None:
@@ -105,6 +107,43 @@ def _convert_children(module: nn.Module, prefix: str, root: nn.Module, config: Q
         replacement = _convert(child, qualified, root, config)
         if replacement is not None and replacement is not child:
             setattr(module, child_name, replacement)
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of qualified names under which one parameter appears (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            names.setdefault(id(param), [])
+            if full not in names[id(param)]:
+                names[id(param)].append(full)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie_parameters(qmodel: nn.Module, tied: list[list[str]]) -> None:
+    """Conversion copies weights into new layers; give the layers of a tied group the first
+    one's parameter again (so that QAT keeps them tied) and rebuild their quantizers."""
+    for group in tied:
+        owners = []
+        for full in group:
+            module_name, _, param_name = full.rpartition(".")
+            try:
+                module = qmodel.get_submodule(module_name)
+            except AttributeError:
+                break
+            if not isinstance(getattr(module, param_name, None), nn.Parameter):
+                break
+            owners.append((module, param_name))
+        if len(owners) != len(group):
+            continue
+        shared = getattr(*owners[0])
+        if any(getattr(m, p).shape != shared.shape for m, p in owners):
+            continue
+        for module, param_name in owners[1:]:
+            setattr(module, param_name, shared)
+            if isinstance(module, QuantLayer):
+                module.init_quantizers()
 
 
 def _check_overrides_match(model: nn.Module, config: QuantConfig) -> None:

@@ -176,6 +176,11 @@ def _act_quantizer(settings: TensorQuant, where: str) -> type[ExtendedInjector]:
         parts.append(mixins.PowerOfTwoScaling)
     if granularity == "token":
         if settings.dynamic is False or method in ("lsq", "lsq_plus"):
+            if "num_tokens" not in settings.options:
+                raise QuantConfigError(
+                    f"{where}: static per-token scales (one per token position) need the number of tokens: "
+                    "options: {num_tokens: N}; or use dynamic per-token scales (dynamic: true)"
+                )
             parts.append(mixins.PerTokenPositionRuntimeStatsScaling)
         else:
             parts.append(mixins.DynamicPerTokenScaling)

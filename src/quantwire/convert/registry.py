@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -145,12 +146,35 @@ def _dotted(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def find_handler(module: nn.Module) -> tuple[Handler, bool] | None:
+def find_handler(module: nn.Module, name: str = "") -> tuple[Handler, bool] | None:
     """The handler of ``module``'s class (or its nearest registered base) and whether to
-    recurse into what it returns; None when no handler applies."""
+    recurse into what it returns; None when no handler applies.
+
+    A subclass that overrides ``forward`` computes something its base's handler does not know
+    about (an OPT positional embedding is an ``nn.Embedding`` with its own forward): it gets
+    no handler (a warning names it; its children are still converted) unless it is registered
+    itself."""
     for cls in type(module).__mro__:
         _load_plugin(cls.__module__.partition(".")[0])
         entry = _HANDLERS.get(cls) or _HANDLERS.get(_dotted(cls))
-        if entry is not None:
-            return entry.handler, entry.recurse
+        if entry is None:
+            continue
+        if cls is not type(module) and _overrides_forward(type(module), cls):
+            warnings.warn(
+                f"{name or type(module).__name__}: {_dotted(type(module))} subclasses {cls.__qualname__} with its "
+                f"own forward; left float (register a handler for it to quantize it)",
+                stacklevel=3,
+            )
+            return None
+        return entry.handler, entry.recurse
     return None
+
+
+def _overrides_forward(cls: type, base: type) -> bool:
+    """Whether a class between ``cls`` and ``base`` (``base`` excluded) defines ``forward``."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return False
+        if "forward" in klass.__dict__:
+            return True
+    return False
