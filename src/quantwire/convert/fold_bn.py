@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,16 @@ def _fused_layer(model: nn.Module, conv_name: str, bn_name: str, config: QuantCo
     return fused.train(conv.training)
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def find_conv_bn_pairs(
+    model: nn.Module, is_pair: Callable[[nn.Module, nn.Module], bool] | None = None
+) -> list[tuple[str, str]]:
     """The ``(conv_name, bn_name)`` pairs of ``model`` whose BatchNorm can be folded into the
     convolution: from the ``torch.fx`` graph when the model traces, else from the
     ``nn.Sequential`` and ``convN``/``bnN`` patterns. A module that appears under two names
-    (shared) is never folded, nor a BatchNorm without running statistics (with a warning)."""
+    (shared) is never folded, nor a BatchNorm without running statistics (with a warning).
+    ``is_pair(conv, bn)`` says which module pairs count (default: a float ``nn.Conv1d/2d``
+    and the BatchNorm of its dimension and width)."""
+    is_pair = is_pair or _is_pair
     try:
         candidates = _traced_pairs(model)
     except Exception:  # fx fails in many ways on dynamic models; the patterns remain
@@ -95,7 +100,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     pairs = []
     for conv_name, bn_name in candidates:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if id(conv) in shared or id(bn) in shared or not _is_pair(conv, bn):
+        if id(conv) in shared or id(bn) in shared or not is_pair(conv, bn):
             continue
         if not bn.track_running_stats or bn.running_var is None:
             warnings.warn(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from quantwire.convert.config import QuantConfig, preset
-from quantwire.convert.registry import Conversion, find_handler
+from quantwire.convert.registry import Conversion, find_handler, unhandled_base
 from quantwire.errors import QuantConfigError
 from quantwire.nn.base import QuantLayer
 from quantwire.proxy import QuantProxyFromInjector
@@ -73,14 +74,18 @@ def quantize_model(
 
         fold_batch_norms(qmodel, config)
     tied = _tied_parameters(qmodel)
-    qmodel = _convert(qmodel, "", qmodel, config) or qmodel
+    left_float: dict[str, list[str]] = {}
+    qmodel = _convert(qmodel, "", qmodel, config, left_float) or qmodel
+    _warn_left_float(left_float)
     _retie_parameters(qmodel, tied)
     qmodel.train(training)
     object.__setattr__(qmodel, CONFIG_ATTRIBUTE, config)
     return qmodel
 
 
-def _convert(module: nn.Module, name: str, root: nn.Module, config: QuantConfig) -> nn.Module | None:
+def _convert(
+    module: nn.Module, name: str, root: nn.Module, config: QuantConfig, left_float: dict[str, list[str]]
+) -> nn.Module | None:
     """Convert ``module`` (called ``name``) and what lies inside it; the replacement, or None
     when the module itself stays (its children may have changed)."""
     if isinstance(module, QuantLayer | QuantProxyFromInjector | ConvertedModule):
@@ -88,7 +93,10 @@ def _convert(module: nn.Module, name: str, root: nn.Module, config: QuantConfig)
     settings = config.for_layer(name, module)
     if settings.skip:
         return None
-    found = find_handler(module, name)
+    found = find_handler(module)
+    if found is None and (base := unhandled_base(module)) is not None:
+        described = f"{type(module).__module__}.{type(module).__qualname__} (subclasses {base.__qualname__})"
+        left_float.setdefault(described, []).append(name)
     replacement = None
     recurse = True
     if found is not None:
@@ -97,16 +105,32 @@ def _convert(module: nn.Module, name: str, root: nn.Module, config: QuantConfig)
         if replacement is None:
             recurse = True
     if recurse:
-        _convert_children(replacement if replacement is not None else module, name, root, config)
+        _convert_children(replacement if replacement is not None else module, name, root, config, left_float)
     return replacement
 
 
-def _convert_children(module: nn.Module, prefix: str, root: nn.Module, config: QuantConfig) -> None:
+def _convert_children(
+    module: nn.Module, prefix: str, root: nn.Module, config: QuantConfig, left_float: dict[str, list[str]]
+) -> None:
     for child_name, child in list(module.named_children()):
         qualified = f"{prefix}.{child_name}" if prefix else child_name
-        replacement = _convert(child, qualified, root, config)
+        replacement = _convert(child, qualified, root, config, left_float)
         if replacement is not None and replacement is not child:
             setattr(module, child_name, replacement)
+
+
+def _warn_left_float(left_float: dict[str, list[str]]) -> None:
+    """One warning for the layers left float because their class overrides ``forward``."""
+    if not left_float:
+        return
+    lines = [
+        f"{described}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+        for described, names in left_float.items()
+    ]
+    warnings.warn(
+        "left float, their class overrides forward (register a handler for it to quantize it): " + "; ".join(lines),
+        stacklevel=3,
+    )
 
 
 def _tied_parameters(model: nn.Module) -> list[list[str]]:

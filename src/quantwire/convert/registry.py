@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ from quantwire.convert.quantizers import quantizer_for
 from quantwire.errors import QuantConfigError
 from quantwire.inject import ExtendedInjector
 
-__all__ = ["Conversion", "Handler", "find_handler", "register_handler", "registered_types"]
+__all__ = ["Conversion", "Handler", "find_handler", "register_handler", "registered_types", "unhandled_base"]
 
 
 @dataclass
@@ -146,27 +145,31 @@ def _dotted(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def find_handler(module: nn.Module, name: str = "") -> tuple[Handler, bool] | None:
+def find_handler(module: nn.Module) -> tuple[Handler, bool] | None:
     """The handler of ``module``'s class (or its nearest registered base) and whether to
     recurse into what it returns; None when no handler applies.
 
     A subclass that overrides ``forward`` computes something its base's handler does not know
     about (an OPT positional embedding is an ``nn.Embedding`` with its own forward): it gets
-    no handler (a warning names it; its children are still converted) unless it is registered
-    itself."""
+    no handler (its children are still converted; :func:`unhandled_base` names the base for
+    the warning ``quantize_model`` gives) unless it is registered itself."""
     for cls in type(module).__mro__:
         _load_plugin(cls.__module__.partition(".")[0])
         entry = _HANDLERS.get(cls) or _HANDLERS.get(_dotted(cls))
         if entry is None:
             continue
         if cls is not type(module) and _overrides_forward(type(module), cls):
-            warnings.warn(
-                f"{name or type(module).__name__}: {_dotted(type(module))} subclasses {cls.__qualname__} with its "
-                f"own forward; left float (register a handler for it to quantize it)",
-                stacklevel=3,
-            )
             return None
         return entry.handler, entry.recurse
+    return None
+
+
+def unhandled_base(module: nn.Module) -> type | None:
+    """The registered base class ``module`` was refused a handler for (its class overrides
+    ``forward``), or None."""
+    for cls in type(module).__mro__[1:]:
+        if cls in _HANDLERS or _dotted(cls) in _HANDLERS:
+            return cls if _overrides_forward(type(module), cls) else None
     return None
 
 

