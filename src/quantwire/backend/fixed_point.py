@@ -1,7 +1,9 @@
 """Fixed-point numbers for the integer backend's rescaling: scales and biases as integers.
 
 A real multiplier ``m`` becomes the integer ``M = round(m * 2**sfl)`` of ``swl`` bits (sign
-included); a rescale ``acc * m + b`` becomes ``(acc * M + B) >> sfl``, where the right shift
+included) and a bias ``b`` the integer ``B = round(b * 2**sfl)`` (added in the product's 64-bit
+register, so it may use more than ``swl`` bits); a rescale ``acc * m + b`` becomes
+``(acc * M + B) >> sfl``, where the right shift
 rounds **half to even** (the rounding ``torch.round`` uses, so that an exact fixed point
 reproduces the fake-quantized model's rounding bit for bit).
 
@@ -51,6 +53,8 @@ class FixedPoint:
     value: Tensor
     swl: int
     sfl: int
+    source: Tensor | None = None
+    """The real numbers this fixed point approximates (float64), when known."""
 
     def real(self) -> Tensor:
         """The real numbers represented (float64)."""
@@ -86,7 +90,7 @@ def fixed_point(values: Tensor, swl: int, sfl: int, what: str) -> FixedPoint:
             f"{what}: {largest:.6g} needs more than swl={swl} bits with sfl={sfl} fractional bits "
             f"(at most {limit * 2.0**-sfl:.6g}); lower sfl or raise swl"
         )
-    return FixedPoint(scaled.to(torch.int64), swl, sfl)
+    return FixedPoint(scaled.to(torch.int64), swl, sfl, values)
 
 
 def is_exact(values: Tensor, point: FixedPoint) -> bool:

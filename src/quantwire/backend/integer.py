@@ -26,6 +26,7 @@ from quantwire.backend.layers import (
     fixed_rescale,
     integer_wbiol,
 )
+from quantwire.backend.nonlinear import int_softmax
 from quantwire.backend.ops import IntMatMul, MulShift
 from quantwire.convert.fold_bn import find_conv_bn_pairs, fold_into_convs
 from quantwire.nn import (
@@ -65,6 +66,11 @@ class IntegerConfig:
     accumulator_bits: int = 32
     overflow: str = "raise"
     overrides: dict[str, FixedPointSpec] = field(default_factory=dict)
+    integer_softmax: bool = False
+    """Attention softmax in integers (I-BERT, :func:`quantwire.backend.nonlinear.int_softmax`)
+    on the ``Q·Kᵀ`` accumulator, its probabilities on a ``2**-b`` grid (``b``: the bit width of
+    the probability quantizer) instead of the probability quantizer's scale; see
+    ``docs/backend.md`` for its accuracy cost."""
 
     def spec_for(self, name: str) -> FixedPointSpec:
         import fnmatch
@@ -95,6 +101,7 @@ def register_integer_handler(*types: type) -> Callable[[IntegerHandler], Integer
 class _Context:
     config: IntegerConfig
     batch_norms: dict[str, nn.Module]
+
 
     def spec(self, name: str) -> FixedPointSpec:
         return self.config.spec_for(name)
@@ -213,7 +220,9 @@ class IntegerAttention(nn.Module):
     quantizers, rescaled by :class:`MulShift`; the mask, softmax and its quantizers run on the
     rescaled scores (floating point). Same :meth:`attend` and forward as the layer it replaces."""
 
-    def __init__(self, layer: QuantScaledDotProductAttention, name: str, spec: FixedPointSpec) -> None:
+    def __init__(
+        self, layer: QuantScaledDotProductAttention, name: str, spec: FixedPointSpec, integer_softmax: bool = False
+    ) -> None:
         super().__init__()
         self.layer_name = getattr(layer, "layer_name", name)
         self.name = name
@@ -236,12 +245,15 @@ class IntegerAttention(nn.Module):
         self.quantize_p = self.p.quantize(f"{name}.probs")
         self.scores = IntMatMul("matmul", None, spec.accumulator_bits, spec.overflow, name=f"{name}.scores")
         self.context = IntMatMul("matmul", None, spec.accumulator_bits, spec.overflow, name=f"{name}.context")
-        self.scores_rescale = MulShift(
-            *fixed_rescale(self.q.scale * self.k.scale, None, spec, name), -1, f"{name}.scores"
-        )
-        self.context_rescale = MulShift(
-            *fixed_rescale(self.p.scale * self.v.scale, None, spec, name), -1, f"{name}.context"
-        )
+        self.integer_softmax = integer_softmax
+        if integer_softmax and (self.p.signed or self.p.zero_point.abs().max() > 0):
+            raise BackendError(f"{name}: the integer softmax needs unsigned attention probabilities without zero point")
+        if integer_softmax and layer.softmax_input_quant is not None:
+            raise BackendError(f"{name}: the integer softmax takes the score accumulator; drop softmax_input_quant")
+        probability_scale = torch.full((), 2.0**-self.p.bit_width) if integer_softmax else self.p.scale
+        self.register_buffer("scores_scale", (self.q.scale * self.k.scale).reshape(()))
+        self.scores_rescale = _scalar_rescale(self.q.scale * self.k.scale, spec, f"{name}.scores")
+        self.context_rescale = _scalar_rescale(probability_scale * self.v.scale, spec, f"{name}.context")
         self.softmax_input = (
             None
             if layer.softmax_input_quant is None
@@ -264,13 +276,30 @@ class IntegerAttention(nn.Module):
         scores = self.scores_rescale(self.scores(q, k_t))
         if mask is not None:
             scores = scores + mask.to(scores.dtype)
-        if self.softmax_input is not None:
-            scores = self.softmax_input(scores)
-        probabilities = self.quantize_p(torch.softmax(scores, dim=-1))
-        weights = (probabilities - self.p.zero_point) * self.p.scale
+        if self.integer_softmax:
+            probabilities, weights = self._integer_softmax(self.scores(q, k_t), mask)
+        else:
+            scores = self.scores_rescale(self.scores(q, k_t))
+            if mask is not None:
+                scores = scores + mask.to(scores.dtype)
+            if self.softmax_input is not None:
+                scores = self.softmax_input(scores)
+            probabilities = self.quantize_p(torch.softmax(scores, dim=-1)) - self.p.zero_point
+            weights = probabilities * self.p.scale
         v = self.quantize_v(value) - self.v.zero_point
-        output = self.context_rescale(self.context(probabilities - self.p.zero_point, v))
+        output = self.context_rescale(self.context(probabilities, v))
         return (output if self.output is None else self.output(output)), weights
+
+    def _integer_softmax(self, accumulator: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """I-BERT softmax of the score accumulator (the mask added in accumulator steps; a
+        blocked position far below every score gives exactly 0): probability codes and values."""
+        codes = accumulator.round().to(torch.int64)
+        if mask is not None:
+            steps = (mask.double() / self.scores_scale).clamp(min=-(2.0**40), max=2.0**40).round().to(torch.int64)
+            codes = codes + steps
+        probabilities, scale = int_softmax(codes, float(self.scores_scale), dim=-1, output_bits=self.p.bit_width)
+        probabilities = probabilities.double()
+        return probabilities, probabilities * scale
 
     def forward(
         self,
@@ -294,7 +323,7 @@ def _scalar_rescale(multiplier: Tensor, spec: FixedPointSpec, name: str) -> MulS
 
 @register_integer_handler(QuantScaledDotProductAttention)
 def _attention(layer: QuantScaledDotProductAttention, name: str, context: _Context) -> nn.Module:
-    return IntegerAttention(layer, name, context.spec(name))
+    return IntegerAttention(layer, name, context.spec(name), context.config.integer_softmax)
 
 
 # -- layers whose integer form is their float twin on grid values -----------------------------------

@@ -103,15 +103,22 @@ def activation_grid(proxy: QuantProxyFromInjector, name: str, probe: Tensor | No
 def fixed_rescale(
     multiplier: Tensor, bias: Tensor | None, spec: FixedPointSpec, name: str
 ) -> tuple[FixedPoint, FixedPoint]:
-    """Multiplier and bias as fixed point sharing one ``sfl``."""
+    """Multiplier and bias as fixed point sharing one ``sfl``.
+
+    The multiplier is a ``swl``-bit integer (``sfl=None``: the most fractional bits with which
+    the largest multiplier fits). The bias is added to the product ``acc * M``, in the product's
+    register (int64), so it takes the same ``sfl`` and up to 63 bits: a large bias does not cost
+    the multiplier its precision."""
     bias = torch.zeros(()) if bias is None else bias
-    sfl = spec.sfl
-    if sfl is None:
-        sfl = min(fractional_bits_for(multiplier, spec.swl), fractional_bits_for(bias, spec.swl))
+    sfl = spec.sfl if spec.sfl is not None else fractional_bits_for(multiplier, spec.swl)
     return (
         fixed_point(multiplier, spec.swl, sfl, f"{name} multiplier"),
-        fixed_point(bias, spec.swl, sfl, f"{name} bias"),
+        fixed_point(bias, _PRODUCT_BITS, sfl, f"{name} bias"),
     )
+
+
+_PRODUCT_BITS = 63
+"""Signed bits of the register holding ``acc * M + B`` (int64)."""
 
 
 class IntegerWBIOL(nn.Module):

@@ -132,6 +132,14 @@ class _Rescale(nn.Module):
         self.name = name
         self.register_buffer("multiplier", multiplier.value)
         self.register_buffer("bias", None if bias is None else bias.value)
+        # The real multiplier and bias the integers approximate: for measuring the rescale's
+        # error (:meth:`exact`), not used by forward.
+        real_multiplier = multiplier.real() if multiplier.source is None else multiplier.source
+        self.register_buffer("real_multiplier", real_multiplier.reshape(-1).clone(), persistent=False)
+        real_bias = None if bias is None else (bias.real() if bias.source is None else bias.source)
+        self.register_buffer(
+            "real_bias", None if real_bias is None else real_bias.reshape(-1).clone(), persistent=False
+        )
         self._largest_multiplier = int(multiplier.value.abs().max()) if multiplier.value.numel() else 0
         self._largest_bias = int(bias.value.abs().max()) if bias is not None and bias.value.numel() else 0
 
@@ -144,6 +152,14 @@ class _Rescale(nn.Module):
         out = acc * _channel_view(self.multiplier, acc, self.channel_dim)
         if self.bias is not None:
             out = out + _channel_view(self.bias, acc, self.channel_dim)
+        return out
+
+    def exact(self, accumulator: Tensor) -> Tensor:
+        """``acc * m + b`` with the real multiplier and bias (float64): what the fixed point
+        approximates."""
+        out = accumulator.double() * _channel_view(self.real_multiplier, accumulator, self.channel_dim)
+        if self.real_bias is not None:
+            out = out + _channel_view(self.real_bias, accumulator, self.channel_dim)
         return out
 
     def extra_repr(self) -> str:
