@@ -102,7 +102,6 @@ class _Context:
     config: IntegerConfig
     batch_norms: dict[str, nn.Module]
 
-
     def spec(self, name: str) -> FixedPointSpec:
         return self.config.spec_for(name)
 
