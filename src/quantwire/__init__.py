@@ -9,6 +9,8 @@ calibrates and optimises them.
 __version__ = "0.1.0"
 
 from quantwire.algorithms import calibrate, calibration_mode, prune, sparsity  # noqa: E402
+from quantwire.backend.export import export_integer  # noqa: E402
+from quantwire.backend.integer import IntegerConfig, to_integer  # noqa: E402
 from quantwire.convert import (  # noqa: E402
     Override,
     QuantConfig,
@@ -19,15 +21,18 @@ from quantwire.convert import (  # noqa: E402
 )
 
 __all__ = [
+    "IntegerConfig",
     "Override",
     "QuantConfig",
     "TensorQuant",
     "__version__",
     "calibrate",
     "calibration_mode",
+    "export_integer",
     "load_quantized",
     "prune",
     "quantize_model",
     "save_quantized",
     "sparsity",
+    "to_integer",
 ]
