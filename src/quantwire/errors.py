@@ -8,7 +8,7 @@ resolve), so existing ``except ValueError`` code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["QuantwireError", "QuantConfigError", "QuantInputError"]
+__all__ = ["ExportError", "QuantwireError", "QuantConfigError", "QuantInputError"]
 
 
 class QuantwireError(Exception):
@@ -22,3 +22,9 @@ class QuantConfigError(QuantwireError, ValueError):
 
 class QuantInputError(QuantwireError, ValueError):
     """A tensor handed to a quantizer at run time cannot be quantized (NaN/Inf, wrong shape)."""
+
+
+class ExportError(QuantwireError, ValueError):
+    """A model can not be exported as asked (ONNX or integer test vectors): a quantizer or
+    operator with no exportable form (named), a model in training mode, an output folder that
+    exists or can not be written, or an export whose check against PyTorch fails."""

@@ -26,7 +26,7 @@ from quantwire import config
 from quantwire.backend import export as export_module
 from quantwire.backend import reference_runner as runner
 from quantwire.backend.export import MANIFEST, ExportError, export_integer
-from quantwire.backend.fixed_point import BackendError, rounding_right_shift
+from quantwire.backend.fixed_point import rounding_right_shift
 from quantwire.backend.integer import to_integer
 from quantwire.backend.layers import FixedPointSpec, fixed_rescale
 from quantwire.backend.ops import IntMatMul, MulQuant, MulShift, Quantize
@@ -557,7 +557,7 @@ def test_existing_folder_is_kept_without_overwrite(fresh: Exported, tmp_path: Pa
     snapshot = Snapshot.of(fresh.model, fresh.example)
     with pytest.raises(ExportError, match="already exists; pass overwrite=True") as raised:
         export_integer(fresh.model, fresh.example, out, progress=False)
-    assert isinstance(raised.value, BackendError)
+    assert isinstance(raised.value, quantwire.errors.QuantwireError)  # one hierarchy: quantwire.errors
     assert [path.name for path in out.iterdir()] == ["keep.txt"]
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
     snapshot.assert_unchanged(fresh.model, fresh.example)

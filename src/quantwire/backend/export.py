@@ -71,8 +71,9 @@ from tqdm.auto import tqdm
 
 import quantwire
 from quantwire import config
-from quantwire.backend.fixed_point import ROUNDING, BackendError
+from quantwire.backend.fixed_point import ROUNDING
 from quantwire.backend.ops import IntMatMul, MulQuant, MulShift, Quantize
+from quantwire.errors import ExportError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "ExportError", "export_integer"]
 
@@ -80,12 +81,6 @@ FORMAT = "quantwire-integer-export"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OPERATOR_TYPES = (Quantize, IntMatMul, MulShift, MulQuant)
-
-
-class ExportError(BackendError):
-    """The integer model can not be exported as asked: ``out_dir`` exists (and ``overwrite``
-    is false) or can not be written, the model has no backend operator, or an operator
-    received or returned non-integers where integers belong (named)."""
 
 
 # -- what each operator type records ----------------------------------------------------------------
