@@ -173,3 +173,36 @@ def test_the_integer_softmax_option_costs_little_and_keeps_probabilities_on_thei
     # measured 0.973 on this random 12-block ViT: I-BERT's fixed 2**-8 probability grid is
     # coarser than a calibrated one (on the pretrained MiniLM the embeddings lose 0.0015 cosine)
     assert nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0) > 0.95
+
+
+def tiny_bert() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100
+    )
+    model = transformers.BertModel(config).eval()
+    batch = {"input_ids": torch.randint(0, 100, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    batch["attention_mask"][0, 8:] = 0
+    return model, batch
+
+
+def test_integer_gelu_and_layer_norm_replace_the_float_ones_at_a_small_cost():
+    from quantwire.backend.integer import IntegerNonlinearity
+
+    model, batch = tiny_bert()
+    qmodel = calibrated(model, "w8a8_residual16", batch)
+    with pytest.raises(BackendError, match="pass example_input"):
+        to_integer(qmodel, IntegerConfig(integer_gelu=True))
+    float_nonlinear = to_integer(qmodel)
+    all_integer = IntegerConfig(integer_softmax=True, integer_gelu=True, integer_layer_norm=True)
+    integer_nonlinear = to_integer(qmodel, all_integer, example_input=batch)
+    replaced = [m for m in integer_nonlinear.modules() if isinstance(m, IntegerNonlinearity)]
+    assert len(replaced) == 2 + 2 * 2 + 1  # a GELU per layer, two LayerNorms per layer, the embeddings'
+    assert not any(isinstance(m, nn.LayerNorm) for m in integer_nonlinear.modules())
+    with torch.no_grad():
+        reference = float_nonlinear(**batch).last_hidden_state
+        output = integer_nonlinear(**batch).last_hidden_state
+    kept = batch["attention_mask"].bool()
+    cosine = nn.functional.cosine_similarity(output[kept], reference[kept], dim=-1)
+    assert cosine.min() > 0.98, cosine.min()

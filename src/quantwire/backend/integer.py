@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +27,8 @@ from quantwire.backend.layers import (
     fixed_rescale,
     integer_wbiol,
 )
-from quantwire.backend.nonlinear import int_softmax
-from quantwire.backend.ops import IntMatMul, MulShift
+from quantwire.backend.nonlinear import IntGELU, IntLayerNorm, int_softmax
+from quantwire.backend.ops import IntMatMul, MulShift, Quantize
 from quantwire.convert.fold_bn import find_conv_bn_pairs, fold_into_convs
 from quantwire.nn import (
     QuantActLayer,
@@ -71,6 +72,13 @@ class IntegerConfig:
     on the ``Q·Kᵀ`` accumulator, its probabilities on a ``2**-b`` grid (``b``: the bit width of
     the probability quantizer) instead of the probability quantizer's scale; see
     ``docs/backend.md`` for its accuracy cost."""
+    integer_gelu: bool = False
+    """GELU layers (``nn.GELU``, transformers' ``GELUActivation``) in integers (I-BERT's i-GELU)
+    on their input put onto a ``nonlinear_input_bits`` grid calibrated on ``example_input``."""
+    integer_layer_norm: bool = False
+    """LayerNorms in integers (exact integer mean, variance and square root) likewise."""
+    nonlinear_input_bits: int = 16
+    """Bits of the grid the inputs of integer GELU and LayerNorm are put on (signed)."""
 
     def spec_for(self, name: str) -> FixedPointSpec:
         import fnmatch
@@ -106,13 +114,17 @@ class _Context:
         return self.config.spec_for(name)
 
 
-def to_integer(qmodel: nn.Module, config: IntegerConfig | None = None) -> nn.Module:
+def to_integer(qmodel: nn.Module, config: IntegerConfig | None = None, example_input: Any = None) -> nn.Module:
     """The integer model of ``qmodel`` (calibrated or trained, its scales frozen): a new model
     whose every matrix product is an :class:`~quantwire.backend.ops.IntMatMul` on integer codes
     followed by a fixed-point :class:`~quantwire.backend.ops.MulShift` or
     :class:`~quantwire.backend.ops.MulQuant`. ``qmodel`` is not modified. Raises
     :class:`~quantwire.backend.fixed_point.BackendError` naming the layer for what can not run
-    on integers (dynamic scales, minifloat quantizers, a quant layer without a handler)."""
+    on integers (dynamic scales, minifloat quantizers, a quant layer without a handler).
+
+    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments) calibrates the input grids of integer GELU and LayerNorm; it is needed only
+    when the config asks for them."""
     config = config or IntegerConfig()
     model = copy.deepcopy(qmodel).eval()
     fold_into_convs(model)
@@ -126,7 +138,10 @@ def to_integer(qmodel: nn.Module, config: IntegerConfig | None = None) -> nn.Mod
             raise BackendError(f"{name}: no integer handler for {type(module).__name__}")
     # The glue between integer operators (normalisations, reshapes, float nonlinearities) runs
     # in float64, as the rescaled outputs are; integer buffers stay integers.
-    return model.double().eval()
+    model = model.double().eval()
+    if config.integer_gelu or config.integer_layer_norm:
+        _integer_nonlinearities(model, config, example_input)
+    return model
 
 
 def _quant_conv_bn_pair(conv: nn.Module, bn: nn.Module) -> bool:
@@ -403,3 +418,75 @@ def _layer_norm(layer: QuantLayerNorm, name: str, context: _Context) -> nn.Modul
     if layer.output_quant is not None:
         parts.append(_GridRound(activation_grid(layer.output_quant, f"{name}.output_quant"), f"{name}.output"))
     return norm if len(parts) == 1 else _ThenGrid(*parts)
+
+
+# -- integer GELU and LayerNorm ----------------------------------------------------------------------
+
+
+class IntegerNonlinearity(nn.Module):
+    """A GELU or LayerNorm run in integers: its real input onto a static signed grid
+    (:class:`Quantize`, the scale calibrated by :func:`to_integer`), the I-BERT kernel on the
+    codes, the result as a real number."""
+
+    def __init__(self, kernel: nn.Module, scale: float, bits: int, name: str) -> None:
+        super().__init__()
+        self.quantize = Quantize(
+            torch.tensor(scale), torch.zeros(()), -(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1, name
+        )
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        codes, scale = self.kernel.forward_codes(self.quantize(x))
+        return codes.double() * scale
+
+
+def _is_gelu(module: nn.Module) -> bool:
+    return isinstance(module, nn.GELU) or type(module).__name__ == "GELUActivation"
+
+
+def _integer_nonlinearities(model: nn.Module, config: IntegerConfig, example_input: Any) -> None:
+    """Replace the GELUs and LayerNorms the config asks for by :class:`IntegerNonlinearity`,
+    each input grid sized to the largest input seen on ``example_input``."""
+    targets = {
+        name: module
+        for name, module in model.named_modules()
+        if (config.integer_gelu and _is_gelu(module))
+        or (config.integer_layer_norm and isinstance(module, nn.LayerNorm))
+    }
+    if not targets:
+        return
+    if example_input is None:
+        raise BackendError("integer GELU / LayerNorm calibrate their input grids: pass example_input to to_integer")
+    largest = dict.fromkeys(targets, 0.0)
+
+    def observe(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            largest[name] = max(largest[name], float(args[0].detach().abs().max()))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(observe(name)) for name, module in targets.items()]
+    try:
+        with torch.no_grad():
+            _run(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    bits = config.nonlinear_input_bits
+    for name, module in targets.items():
+        scale = max(largest[name], 1e-12) / (2 ** (bits - 1) - 1)
+        if isinstance(module, nn.LayerNorm):
+            kernel: nn.Module = IntLayerNorm(module.normalized_shape, module.weight, module.bias, module.eps, scale)
+        else:
+            if getattr(module, "approximate", "none") != "none":
+                raise BackendError(f"{name}: integer GELU implements the erf GELU, not approximate='tanh'")
+            kernel = IntGELU(scale)
+        model.set_submodule(name, IntegerNonlinearity(kernel, scale, bits, f"{name}.quantize"))
+
+
+def _run(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, tuple | list):
+        return model(*example_input)
+    return model(example_input)
