@@ -189,7 +189,7 @@ class _CustomBlock(resnet.BasicBlock):
 
 def test_subclass_of_a_block_is_left_float_with_a_warning_naming_it() -> None:
     model = nn.Sequential(_CustomBlock(8, 8))
-    with pytest.warns(UserWarning, match=r"^0: .*_CustomBlock subclasses BasicBlock"):
+    with pytest.warns(UserWarning, match=r"overrides forward.*_CustomBlock \(subclasses BasicBlock\): 0"):
         qmodel = convert(model)
     assert type(qmodel[0]) is _CustomBlock
     assert count(qmodel, QuantConv2d) == 2
