@@ -206,3 +206,42 @@ def test_integer_gelu_and_layer_norm_replace_the_float_ones_at_a_small_cost():
     kept = batch["attention_mask"].bool()
     cosine = nn.functional.cosine_similarity(output[kept], reference[kept], dim=-1)
     assert cosine.min() > 0.98, cosine.min()
+
+
+def _mobilenet_v2() -> tuple[nn.Module, int]:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    return model.eval(), 32
+
+
+def _vgg11_bn() -> tuple[nn.Module, int]:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.vgg11_bn(num_classes=10)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    return model.eval(), 32
+
+
+def _swin() -> tuple[nn.Module, int]:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(1, 1, 1, 1), num_classes=10
+    )
+    return model.eval(), 56
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [_mobilenet_v2, _vgg11_bn, _swin], ids=["mobilenet_v2", "vgg11_bn", "swin"])
+def test_other_families_convert_without_model_code_and_are_bit_exact_with_exact_scales(build):
+    torch.manual_seed(0)
+    model, size = build()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    qmodel = calibrated(model, {**EXACT, "fold_bn": has_batch_norm}, x.float())
+    imodel = to_integer(qmodel, IntegerConfig(swl=40))
+    reference, output = run_both(qmodel, imodel, x)
+    assert torch.equal(output, reference)
