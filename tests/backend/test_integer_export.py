@@ -277,7 +277,8 @@ def test_manifest_describes_format_operators_and_parameters(resnet18: Exported) 
         "overflow": "raise",
         "weight_from_buffer": True,
     }
-    assert conv1["params"]["weight"]["shape"] == [64, 3, 7, 7] and conv1["params"]["weight"]["dtype"] == "int64"
+    # weights are stored in the narrowest integer dtype that holds them: int8 codes take 1 byte
+    assert conv1["params"]["weight"]["shape"] == [64, 3, 7, 7] and conv1["params"]["weight"]["dtype"] == "int8"
     assert conv1["outputs"][0]["role"] == "acc" and len(conv1["outputs"][0]["range"]) == 2
     rescale = by_type["MulShift"][0]
     assert {"swl", "sfl", "channel_dim", "has_bias"} <= set(rescale["attributes"])
@@ -352,7 +353,7 @@ def test_int64_files_hold_the_operators_integers(all_ops: Exported) -> None:
         assert np.array_equal(array, output.numpy().astype(array.dtype))
         assert torch.equal(torch.from_numpy(array).double(), output)
     weight = np.load(all_ops.folder / "params" / "conv2d.weight.npy")
-    assert weight.dtype == np.int64 and np.array_equal(weight, all_ops.model.conv2d.weight.numpy())
+    assert weight.dtype == np.int8 and np.array_equal(weight, all_ops.model.conv2d.weight.numpy())
 
 
 def test_edges_link_inputs_to_the_outputs_they_equal(all_ops: Exported) -> None:

@@ -376,6 +376,15 @@ def _describe_inputs(example_input: Any) -> list[dict[str, Any]]:
 # -- writing --------------------------------------------------------------------------------------
 
 
+def _narrowest(low: int, high: int) -> Any:
+    """The smallest signed NumPy integer dtype holding ``[low, high]``."""
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return np.int64
+
+
 class _Writer:
     """Writes the recorded calls' tensors and parameters below ``folder`` and describes them."""
 
@@ -386,12 +395,16 @@ class _Writer:
         (folder / "tensors").mkdir()
         (folder / "params").mkdir()
 
-    def save(self, relative: str, value: Tensor) -> dict[str, Any]:
-        """Write ``value`` as ``.npy`` and return its manifest record."""
+    def save(self, relative: str, value: Tensor, narrow: bool = False) -> dict[str, Any]:
+        """Write ``value`` as ``.npy`` and return its manifest record. ``narrow``: integers are
+        stored in the smallest signed dtype that holds them (int8 weights stay 1 byte each; the
+        manifest gives the dtype, readers widen to int64)."""
         array = value.cpu().numpy()
+        if narrow and array.dtype == np.int64 and array.size:
+            array = array.astype(_narrowest(int(array.min()), int(array.max())))
         np.save(self.folder / relative, array, allow_pickle=False)
         record: dict[str, Any] = {"file": relative, "dtype": str(array.dtype), "shape": list(array.shape)}
-        if array.dtype == np.int64 and array.size:
+        if np.issubdtype(array.dtype, np.integer) and array.size:
             record["range"] = [int(array.min()), int(array.max())]
         return record
 
@@ -403,7 +416,7 @@ class _Writer:
             if relative in self._parameter_files:  # two names alike once made file names
                 relative = f"params/{_file_stem(call.name)}.{call.index}.{key}.npy"
             self._parameter_files.add(relative)
-            self._parameters[cache_key] = self.save(relative, call.arrays[key])
+            self._parameters[cache_key] = self.save(relative, call.arrays[key], narrow=True)
         return self._parameters[cache_key]
 
     def operator(self, call: _Call, width: int) -> dict[str, Any]:
