@@ -35,15 +35,7 @@ from quantwire.backend.integer import IntegerConfig, to_integer
 from quantwire.backend.ops import IntMatMul, MulShift
 from quantwire.convert.fold_bn import fold_into_convs
 
-EXACT = {
-    "weight": {"scale": "po2", "granularity": "channel"},
-    "input": {"scale": "po2"},
-    "residual": {"scale": "po2"},
-    "attention": {"scale": "po2"},
-    "attention_probs": {"scale": "po2", "signed": False},
-    "embedding": {"scale": "po2"},
-    "bias": {"bit_width": 32},
-}
+EXACT = "w8a8_po2"  # power-of-two scales and int32 biases: every fixed-point rescale exact
 
 
 def resnet18() -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -55,7 +47,7 @@ def resnet18() -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
         for _ in range(3):
             model(torch.randn(8, 3, 64, 64))
     x = torch.randn(4, 3, 64, 64)
-    return model.eval(), {"args": (x,)}, {"exact": {**EXACT, "fold_bn": True}, "float": "w8a8"}
+    return model.eval(), {"args": (x,)}, {"exact": {"preset": EXACT, "fold_bn": True}, "float": "w8a8"}
 
 
 def vit_tiny() -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -72,7 +64,7 @@ def minilm() -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
 
     model, tokenizer = load_minilm()
     batch = tokenize(tokenizer, SENTENCES[:16])
-    exact = {**EXACT, "residual": {"scale": "po2", "bit_width": 16}}
+    exact = {"preset": EXACT, "residual": {"scale": "po2", "bit_width": 16}}
     return model, {"kwargs": batch}, {"exact": exact, "float": "w8a8_residual16"}
 
 

@@ -18,17 +18,7 @@ from quantwire.convert.fold_bn import fold_into_convs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# Power-of-two scales everywhere and integer biases on the accumulator grid: every rescale
-# is exact in fixed point, so the integer model must reproduce the fake-quantized model.
-EXACT = {
-    "weight": {"scale": "po2", "granularity": "channel"},
-    "input": {"scale": "po2"},
-    "residual": {"scale": "po2"},
-    "attention": {"scale": "po2"},
-    "attention_probs": {"scale": "po2", "signed": False},
-    "embedding": {"scale": "po2"},
-    "bias": {"bit_width": 32},
-}
+EXACT = "w8a8_po2"  # power-of-two scales and int32 biases: every fixed-point rescale exact
 
 
 def calibrated(model: nn.Module, config, batch) -> nn.Module:
@@ -64,7 +54,7 @@ def run_both(qmodel: nn.Module, imodel: nn.Module, *args, **kwargs):
 
 def test_resnet18_is_bit_exact_with_exact_scales():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    qmodel = calibrated(settled_resnet18(), {**EXACT, "fold_bn": True}, x.float())
+    qmodel = calibrated(settled_resnet18(), {"preset": EXACT, "fold_bn": True}, x.float())
     imodel = to_integer(qmodel, IntegerConfig(swl=40))
     reference, output = run_both(qmodel, imodel, x)
     assert torch.equal(output, reference)
@@ -100,7 +90,7 @@ def test_pretrained_minilm_is_bit_exact_with_exact_scales():
 
     model, tokenizer = load_minilm()
     batch = tokenize(tokenizer, SENTENCES[:6])
-    qmodel = calibrated(model, {**EXACT, "residual": {"scale": "po2", "bit_width": 16}}, batch)
+    qmodel = calibrated(model, {"preset": EXACT, "residual": {"scale": "po2", "bit_width": 16}}, batch)
     imodel = to_integer(qmodel, IntegerConfig(swl=40))
     reference, output = run_both(qmodel, imodel, **batch)
     assert torch.equal(output.last_hidden_state, reference.last_hidden_state)
@@ -241,7 +231,7 @@ def test_other_families_convert_without_model_code_and_are_bit_exact_with_exact_
     model, size = build()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    qmodel = calibrated(model, {**EXACT, "fold_bn": has_batch_norm}, x.float())
+    qmodel = calibrated(model, {"preset": EXACT, "fold_bn": has_batch_norm}, x.float())
     imodel = to_integer(qmodel, IntegerConfig(swl=40))
     reference, output = run_both(qmodel, imodel, x)
     assert torch.equal(output, reference)

@@ -46,7 +46,7 @@ from quantwire.nn import (
     QuantScaledDotProductAttention,
     QuantUpsample,
 )
-from quantwire.nn.attention import additive_mask
+from quantwire.nn.attention import sdpa_forward
 from quantwire.nn.base import QuantLayer
 
 __all__ = ["IntegerAttention", "IntegerConfig", "register_integer_handler", "to_integer"]
@@ -325,9 +325,7 @@ class IntegerAttention(nn.Module):
         is_causal: bool = False,
         scale: float | None = None,
     ) -> Tensor:
-        mask = additive_mask(attn_mask, query.shape[-2], key.shape[-2], is_causal, torch.float64, query.device)
-        output, _ = self.attend(query, key, value, mask, dropout_p, scale)
-        return output
+        return sdpa_forward(self, query, key, value, attn_mask, dropout_p, is_causal, scale)
 
 
 def _scalar_rescale(multiplier: Tensor, spec: FixedPointSpec, name: str) -> MulShift:

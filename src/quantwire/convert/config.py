@@ -402,6 +402,22 @@ def _w8a8_residual16() -> QuantConfig:
     return QuantConfig(residual=TensorQuant(bit_width=16))
 
 
+def _w8a8_po2() -> QuantConfig:
+    """W8A8 for shift-only hardware: every scale a power of two and biases int32 on the
+    accumulator grid, so that the integer backend's rescales are exact (its output equals the
+    fake-quantized model's bit for bit)."""
+    po2 = TensorQuant(bit_width=8, scale="po2")
+    return QuantConfig(
+        weight=po2.merged({"granularity": "channel"}),
+        input=po2,
+        bias=TensorQuant(bit_width=32),
+        residual=po2,
+        attention=po2,
+        attention_probs=po2.merged({"signed": False}),
+        embedding=po2,
+    )
+
+
 def _w4a8() -> QuantConfig:
     return QuantConfig(weight=TensorQuant(bit_width=4, granularity="channel", observer="mse"))
 
@@ -482,6 +498,7 @@ PRESETS = {
     "w8a8_per_tensor": _w8a8_per_tensor,
     "w8a8_per_token": _w8a8_per_token,
     "w8a8_residual16": _w8a8_residual16,
+    "w8a8_po2": _w8a8_po2,
     "w4a8": _w4a8,
     "w4a4": _w4a4,
     "w4a16_group": _w4a16_group,
@@ -493,9 +510,9 @@ PRESETS = {
 }
 """Preset schemes by name: W8A8 (per-channel weights, per-tensor activations, the default),
 its per-tensor-weight variant, its per-token dynamic variant and its 16-bit-residual variant
-(transformers), W4A8 and W4A4 (MSE-calibrated), W4A16 per-group (weight only), FP8
-E4M3, dynamic int8 and weight-only int8 (as ``torch.ao.quantization.quantize_dynamic``), and
-the LSQ QAT schemes."""
+(transformers), power-of-two W8A8 with int32 biases (exact integer rescales), W4A8 and W4A4
+(MSE-calibrated), W4A16 per-group (weight only), FP8 E4M3, dynamic int8 and weight-only int8
+(as ``torch.ao.quantization.quantize_dynamic``), and the LSQ QAT schemes."""
 
 
 def preset(name: str) -> QuantConfig:

@@ -85,9 +85,26 @@ class QuantScaledDotProductAttention(QuantLayer):
         is_causal: bool = False,
         scale: float | None = None,
     ) -> Tensor:
-        mask = additive_mask(attn_mask, query.shape[-2], key.shape[-2], is_causal, query.dtype, query.device)
-        output, _ = self.attend(plain_value(query), plain_value(key), plain_value(value), mask, dropout_p, scale)
-        return output
+        return sdpa_forward(self, query, key, value, attn_mask, dropout_p, is_causal, scale)
+
+
+def sdpa_forward(
+    attention: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+) -> Tensor:
+    """``F.scaled_dot_product_attention``'s signature on top of ``attention.attend``: the masks
+    made one additive mask, the attention weights dropped (for the quantized layer and its
+    integer twin)."""
+    query, key, value = plain_value(query), plain_value(key), plain_value(value)
+    mask = additive_mask(attn_mask, query.shape[-2], key.shape[-2], is_causal, query.dtype, query.device)
+    output, _ = attention.attend(query, key, value, mask, dropout_p, scale)
+    return output
 
 
 def additive_mask(
