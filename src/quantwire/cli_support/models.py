@@ -1,0 +1,128 @@
+"""What the ``quantize``/``inspect``/``export`` commands are given: models, checkpoints, data.
+
+Models are built with random weights and never downloaded: ``torchvision:NAME``
+(``weights=None``), ``timm:NAME`` (``pretrained=False``) or a Hugging Face folder
+(``transformers.AutoModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from quantwire.errors import QuantwireError
+
+__all__ = ["CliError", "build_model", "load_calibration", "load_float_weights", "parse_shape"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class CliError(QuantwireError, ValueError):
+    """A command-line argument that can not be used (unknown model, unreadable file)."""
+
+
+def build_model(spec: str) -> nn.Module:
+    """The float model named by ``spec`` (see the module docstring), in eval mode."""
+    source, sep, name = spec.partition(":")
+    if sep and source == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None).eval()
+        except ValueError:
+            raise CliError(f"unknown torchvision model {name!r}") from None
+    if sep and source == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise CliError(f"unknown timm model {name!r}")
+        return timm.create_model(name, pretrained=False).eval()
+    if Path(spec).is_dir():
+        import transformers
+
+        return transformers.AutoModel.from_pretrained(spec).eval()
+    raise CliError(f"unknown model {spec!r}: use torchvision:NAME, timm:NAME or a Hugging Face model folder")
+
+
+def _existing_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, or a :class:`CliError` when it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
+def load_float_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a float ``state_dict`` (``.safetensors`` or a ``torch.save`` file, read with
+    ``weights_only=True``) into ``model``; returns ``model``."""
+    path = _existing_file(path, "checkpoint")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise CliError(f"{path} does not fit {type(model).__name__}: {first}") from None
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` as a tuple of positive ints."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CliError(f"bad shape {text!r}: expected comma-separated integers such as 1,3,224,224") from None
+    if not shape or min(shape) < 1:
+        raise CliError(f"bad shape {text!r}: every dimension must be positive")
+    return shape
+
+
+def _image_folder(folder: Path, image_size: int) -> Tensor:
+    """Every image in ``folder`` as RGB, resized to ``image_size`` square, in ``[0, 1]``."""
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
+    arrays = []
+    for file in files:
+        with Image.open(file) as image:
+            resized = image.convert("RGB").resize((image_size, image_size))
+            arrays.append(np.asarray(resized, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _tensor_file(path: Path) -> Tensor:
+    """A ``.npy`` or ``.pt`` tensor file as a float tensor."""
+    if path.suffix.lower() == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, Tensor):
+        raise CliError(f"{path} holds a {type(loaded).__name__}, not a tensor")
+    return loaded.float()
+
+
+def load_calibration(source: str, image_size: int, count: int = 8, seed: int = 0) -> Tensor:
+    """Calibration inputs ``(N, C, H, W)`` from an image folder, a ``.npy``/``.pt`` file or
+    ``synthetic`` (``count`` random images, with a warning on stderr)."""
+    if source == "synthetic":
+        print(
+            "quantwire: warning: calibrating on synthetic random images; scales will not suit real data",
+            file=sys.stderr,
+        )
+        return torch.rand(count, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    path = Path(source)
+    if path.is_dir():
+        return _image_folder(path, image_size)
+    path = _existing_file(path, "calibration data")
+    if path.suffix.lower() not in (".npy", ".pt", ".pth"):
+        raise CliError(f"calibration data {source!r}: expected an image folder, a .npy/.pt file or 'synthetic'")
+    return _tensor_file(path)
