@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -39,10 +39,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_batches(args: argparse.Namespace) -> list[torch.Tensor]:
-    """The ``--calibration`` data cut into batches of ``--batch-size``."""
-    from quantwire.cli_support.models import load_calibration
+def _calibration_batches(args: argparse.Namespace) -> list[Any]:
+    """The ``--calibration`` data cut into batches of ``--batch-size`` (tokenized sentences
+    for a Hugging Face text model)."""
+    from quantwire.cli_support.models import is_text_model, load_calibration, load_text_calibration
 
+    if is_text_model(args.model):
+        return load_text_calibration(args.model, args.calibration, args.batch_size, seed=args.seed)
     data = load_calibration(args.calibration, args.image_size, seed=args.seed)
     return list(torch.split(data, args.batch_size))
 

