@@ -8,7 +8,7 @@ resolve), so existing ``except ValueError`` code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["ExportError", "QuantwireError", "QuantConfigError", "QuantInputError"]
+__all__ = ["ExportError", "QuantwireError", "QuantConfigError", "QuantInputError", "QuantUnsupportedError"]
 
 
 class QuantwireError(Exception):
@@ -18,6 +18,11 @@ class QuantwireError(Exception):
 class QuantConfigError(QuantwireError, ValueError):
     """A quantizer or layer was configured with a value it cannot use (bit width 0, a negative
     scale, a shape that cannot broadcast, an unknown keyword argument)."""
+
+
+class QuantUnsupportedError(QuantwireError, NotImplementedError):
+    """A model asks a quantized layer for something it does not compute (an attention score
+    modification such as soft-capping); the message names the layer and the way around it."""
 
 
 class QuantInputError(QuantwireError, ValueError):

@@ -146,3 +146,16 @@ def convert(float_model: nn.Module, **config: object) -> nn.Module:
     from quantwire.convert import QuantConfig
 
     return quantize_model(float_model, QuantConfig(**config))
+
+
+def convert_and_measure(
+    name: str, float_model: nn.Module, shape: tuple[int, ...]
+) -> tuple[dict[str, Tensor], nn.Module, Tensor, float]:
+    """A settled float model's state, its W8A8 conversion, a probe batch and the calibrated
+    cosine similarity to float on it (printed under ``name``)."""
+    before = state_snapshot(float_model)
+    qmodel = convert(float_model)
+    probe = seeded_batches(1, shape, seed=3)[0]
+    similarity = calibrated_cosine(float_model, qmodel, seeded_batches(2, shape, seed=2), probe)
+    print(f"\n{name}: W8A8 cosine similarity to float {similarity:.5f}")
+    return before, qmodel, probe, similarity

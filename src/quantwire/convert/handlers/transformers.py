@@ -46,7 +46,7 @@ from quantwire import nn as qnn
 from quantwire.convert.handlers._twin import residual_sum, swap_in_residual_adds, swap_in_twin, twin_of
 from quantwire.convert.quantize import ConvertedModule
 from quantwire.convert.registry import Conversion, register_handler
-from quantwire.errors import QuantConfigError
+from quantwire.errors import QuantConfigError, QuantUnsupportedError
 from quantwire.nn.quantizer_kwargs import QuantSpec
 from quantwire.quant.scaled_int import Int8WeightPerTensorFloat
 
@@ -128,7 +128,7 @@ def _refuse_unsupported(quant: QuantTransformersAttention, kwargs: dict[str, Any
     attention sinks, a position bias) that the quantized attention would silently drop."""
     for name in _UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
-            raise NotImplementedError(
+            raise QuantUnsupportedError(
                 f"{quant.layer_name}: the quantized attention does not implement {name!r}; leave this layer's "
                 "attention float with an override (attention: null)"
             )
