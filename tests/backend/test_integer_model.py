@@ -27,14 +27,20 @@ def calibrated(model: nn.Module, config, batch) -> nn.Module:
     return qmodel.eval()
 
 
+def settled(model: nn.Module, size: int = 32) -> nn.Module:
+    """``model`` in eval mode after a few training-mode batches: the BatchNorm statistics of a
+    random model would flatten its outputs."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
 def settled_resnet18() -> nn.Module:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    with torch.no_grad():  # BatchNorm statistics of a random model would flatten its outputs
-        for _ in range(3):
-            model(torch.randn(8, 3, 32, 32))
-    return model.eval()
+    return settled(torchvision.models.resnet18(num_classes=10))
 
 
 def folded_reference(qmodel: nn.Module) -> nn.Module:
@@ -200,20 +206,12 @@ def test_integer_gelu_and_layer_norm_replace_the_float_ones_at_a_small_cost():
 
 def _mobilenet_v2() -> tuple[nn.Module, int]:
     torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.mobilenet_v2(num_classes=10)
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 32, 32))
-    return model.eval(), 32
+    return settled(torchvision.models.mobilenet_v2(num_classes=10)), 32
 
 
 def _vgg11_bn() -> tuple[nn.Module, int]:
     torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.vgg11_bn(num_classes=10)
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 32, 32))
-    return model.eval(), 32
+    return settled(torchvision.models.vgg11_bn(num_classes=10)), 32
 
 
 def _swin() -> tuple[nn.Module, int]:
