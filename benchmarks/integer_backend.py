@@ -14,8 +14,9 @@ differ from the fake-quantized model run in float64 (mismatches) and the largest
 the cosine similarity, the largest error of any fixed-point rescale against the exact rescale of
 the same accumulator (in accumulator steps; a rounding flip it causes at the next quantizer
 then propagates, which is what the float-scale output mismatches are), the largest accumulator
-in bits, and the integer model's inference time relative to the fake-quantized model's (eval,
-one timed run each after a warm-up, 2 threads).
+in bits, and the integer model's inference time relative to the float model's and to the
+fake-quantized model's (eval, no_grad, 2 threads; the median of ``--repeats`` runs after a
+warm-up, the three models' runs interleaved so that a busy machine slows them alike).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -94,11 +96,17 @@ def _call(model: nn.Module, inputs: dict[str, Any], double: bool) -> torch.Tenso
         return _output(model(*args, **inputs.get("kwargs", {})))
 
 
-def _timed(model: nn.Module, inputs: dict[str, Any], double: bool) -> float:
-    _call(model, inputs, double)
-    start = time.perf_counter()
-    _call(model, inputs, double)
-    return time.perf_counter() - start
+def _timed(runs: list[tuple[nn.Module, bool]], inputs: dict[str, Any], repeats: int) -> list[float]:
+    """The median time of each ``(model, double)`` run, the runs interleaved, after a warm-up."""
+    for model, double in runs:
+        _call(model, inputs, double)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for (model, double), seen in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            _call(model, inputs, double)
+            seen.append(time.perf_counter() - start)
+    return [statistics.median(seen) for seen in times]
 
 
 def _rescale_error(imodel: nn.Module, inputs: dict[str, Any]) -> float:
@@ -124,8 +132,9 @@ def _rescale_error(imodel: nn.Module, inputs: dict[str, Any]) -> float:
     return worst[0]
 
 
-def measure(name: str, scheme: str) -> dict[str, Any]:
+def measure(name: str, scheme: str, repeats: int = 5) -> dict[str, Any]:
     model, inputs, configs = MODELS[name]()
+    float_model = copy.deepcopy(model)
     calibration = inputs.get("args", (None,))[0]
     qmodel = quantwire.quantize_model(model, configs[scheme])
     batch = inputs["kwargs"] if "kwargs" in inputs else calibration
@@ -137,8 +146,9 @@ def measure(name: str, scheme: str) -> dict[str, Any]:
     difference = (output - reference).abs()
     rescale_error = _rescale_error(imodel, inputs)
     accumulators = [m.max_abs_accumulator for m in imodel.modules() if isinstance(m, IntMatMul)]
-    fake_time = _timed(qmodel, inputs, double=False)
-    integer_time = _timed(imodel, inputs, double=True)
+    float_time, fake_time, integer_time = _timed(
+        [(float_model, False), (qmodel, False), (imodel, True)], inputs, repeats
+    )
     return {
         "model": name,
         "scheme": scheme,
@@ -149,19 +159,21 @@ def measure(name: str, scheme: str) -> dict[str, Any]:
         "cosine": float(nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0)),
         "accumulator_bits": math.ceil(math.log2(max(accumulators) + 1)) + 1,
         "time_ratio": integer_time / fake_time,
+        "float_ratio": integer_time / float_time,
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | scales | output mismatches | max output error | cosine | max rescale error (acc. steps) "
-        "| accumulator bits | integer / fake-quant time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| accumulator bits | integer / float time | integer / fake-quant time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['scheme']} | {r['mismatches']} / {r['elements']} | {r['max_abs']:.3g} | "
-            f"{r['cosine']:.6f} | {r['rescale_lsb']:.3g} | {r['accumulator_bits']} | {r['time_ratio']:.2f}x |"
+            f"{r['cosine']:.6f} | {r['rescale_lsb']:.3g} | {r['accumulator_bits']} | {r['float_ratio']:.2f}x "
+            f"| {r['time_ratio']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -170,12 +182,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model (the median is reported)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
     for name in args.models:
         for scheme in ("exact", "float"):
-            rows.append(measure(name, scheme))
+            rows.append(measure(name, scheme, args.repeats))
             print(f"{name} {scheme}: done", flush=True)
     text = table(rows)
     print(text)

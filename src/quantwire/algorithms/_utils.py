@@ -148,9 +148,22 @@ def weight_quant_layers(model: nn.Module) -> list[tuple[str, QuantWBIOL]]:
 def check_finite(value: Any, where: str) -> None:
     """Raise :class:`QuantInputError` naming ``where`` if a tensor in ``value`` holds NaN or Inf."""
     for tensor in torch.utils._pytree.tree_leaves(value):
-        if isinstance(tensor, Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not (isinstance(tensor, Tensor) and tensor.is_floating_point()):
+            continue
+        # A finite sum (one read, no temporary) proves every element finite; otherwise look closer
+        # (a sum can also overflow from finite values).
+        if bool(torch.isfinite(tensor.sum())):
+            continue
+        if not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
             raise QuantInputError(f"{where}: received {bad} values (shape {tuple(tensor.shape)})")
+
+
+def check_non_empty(value: Any, where: str) -> None:
+    """Raise :class:`QuantInputError` naming ``where`` if a floating-point tensor in ``value`` has no elements."""
+    for tensor in torch.utils._pytree.tree_leaves(value):
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.numel() == 0:
+            raise QuantInputError(f"{where}: received an empty tensor (shape {tuple(tensor.shape)})")
 
 
 class StopForward(Exception):

@@ -25,6 +25,7 @@ from quantwire.algorithms._utils import (
     batch_iterator,
     call_model,
     check_finite,
+    check_non_empty,
     eval_mode,
     num_batches_of,
     progress_bar,
@@ -182,13 +183,21 @@ def calibration_mode(model: nn.Module, quantize: bool = False, check_inputs: boo
 
 
 def _install_finite_check(proxy: ActQuantProxyFromInjector, name: str) -> Any:
-    """A pre-hook on the proxy's core module raising on non-finite inputs; returns its remover."""
+    """Make the proxy raise on NaN/Inf or empty inputs (statistics of an empty tensor do not
+    exist) before it quantizes or observes them; returns the remover."""
 
-    def check(_module: nn.Module, args: tuple) -> None:
-        check_finite(args, f"calibration: {name} ({proxy.describe()})")
+    def check(x: torch.Tensor) -> None:
+        where = f"calibration: {name} ({proxy.describe()})"
+        check_finite(x, where)
+        check_non_empty(x, where)
 
-    handle = proxy.tensor_quant.register_forward_pre_hook(check)
-    return handle.remove
+    previous = proxy.input_check
+    proxy.input_check = check
+
+    def remove() -> None:
+        proxy.input_check = previous
+
+    return remove
 
 
 def calibrate(
@@ -204,6 +213,11 @@ def calibrate(
 
     A batch is a tensor, ``(input, *rest)`` or a dict of keyword arguments;
     ``forward_fn(model, batch)`` runs anything else.
+
+    Calibration is local to the process: under ``torch.distributed`` it never communicates
+    (it may run on one rank, or before the process group exists). After calibrating each rank
+    on its own shard, :func:`quantwire.distributed.sync_quant_statistics` averages the statistics
+    across ranks and restarts the learned scales from them.
     """
     run = forward_fn or call_model
     batches = batch_iterator(data, num_batches)

@@ -7,12 +7,15 @@
 - :mod:`~quantwire.backend.nonlinear`: I-BERT integer softmax, GELU and LayerNorm;
 - :func:`export_integer`: per-operator test vectors and a manifest, re-run by the pure-NumPy
   :mod:`~quantwire.backend.reference_runner`;
-- :func:`export_onnx`: the fake-quantized model as an ONNX QCDQ graph, checked in onnxruntime.
+- :func:`export_onnx`: the fake-quantized model as an ONNX QCDQ graph, checked in onnxruntime;
+- :func:`to_native_int8` (:mod:`~quantwire.backend.native`): the integer model on PyTorch's int8
+  CPU kernels, checked against it by :func:`compare_native`.
 """
 
 from quantwire.backend.export import export_integer
 from quantwire.backend.fixed_point import BackendError
 from quantwire.backend.integer import IntegerConfig, register_integer_handler, to_integer
+from quantwire.backend.native import compare_native, to_native_int8
 from quantwire.backend.onnx_export import export_onnx, onnx_export_mode
 from quantwire.backend.ops import AccumulatorOverflowError, IntMatMul, MulQuant, MulShift, Quantize
 from quantwire.errors import ExportError
@@ -26,9 +29,11 @@ __all__ = [
     "MulQuant",
     "MulShift",
     "Quantize",
+    "compare_native",
     "export_integer",
     "export_onnx",
     "onnx_export_mode",
     "register_integer_handler",
     "to_integer",
+    "to_native_int8",
 ]

@@ -30,6 +30,8 @@ from quantwire.backend.layers import (
 from quantwire.backend.nonlinear import IntGELU, IntLayerNorm, int_softmax
 from quantwire.backend.ops import IntMatMul, MulShift, Quantize
 from quantwire.convert.fold_bn import find_conv_bn_pairs, fold_into_convs
+from quantwire.core.utils import non_finite_kind
+from quantwire.errors import QuantInputError
 from quantwire.nn import (
     QuantActLayer,
     QuantAdaptiveAvgPool2d,
@@ -126,6 +128,7 @@ def to_integer(qmodel: nn.Module, config: IntegerConfig | None = None, example_i
     arguments) calibrates the input grids of integer GELU and LayerNorm; it is needed only
     when the config asks for them."""
     config = config or IntegerConfig()
+    _check_finite_inputs(qmodel, example_input)
     model = copy.deepcopy(qmodel).eval()
     fold_into_convs(model)
     context = _Context(config, {})
@@ -142,6 +145,21 @@ def to_integer(qmodel: nn.Module, config: IntegerConfig | None = None, example_i
     if config.integer_gelu or config.integer_layer_norm:
         _integer_nonlinearities(model, config, example_input)
     return model
+
+
+def _check_finite_inputs(qmodel: nn.Module, example_input: Any) -> None:
+    """Refuse NaN or Inf in a quant layer's parameters or in ``example_input``, naming the
+    tensor: fixed-point conversion would otherwise fail on ``int(nan)`` far from the cause."""
+    for name, module in qmodel.named_modules():
+        if not isinstance(module, QuantLayer):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if (bad := non_finite_kind(param.detach())) is not None:
+                where = f"{name}.{param_name}" if name else param_name
+                raise QuantInputError(f"to_integer: {where} ({type(module).__name__}) holds {bad} values")
+    for index, tensor in enumerate(torch.utils._pytree.tree_leaves(example_input)):
+        if isinstance(tensor, Tensor) and (bad := non_finite_kind(tensor)) is not None:
+            raise QuantInputError(f"to_integer: example_input tensor {index} holds {bad} values")
 
 
 def _quant_conv_bn_pair(conv: nn.Module, bn: nn.Module) -> bool:
@@ -287,9 +305,6 @@ class IntegerAttention(nn.Module):
         scale_factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
         q = self.quantize_q(query * scale_factor) - self.q.zero_point
         k_t = self.quantize_k(key.transpose(-2, -1)) - self.k.zero_point
-        scores = self.scores_rescale(self.scores(q, k_t))
-        if mask is not None:
-            scores = scores + mask.to(scores.dtype)
         if self.integer_softmax:
             probabilities, weights = self._integer_softmax(self.scores(q, k_t), mask)
         else:
@@ -466,7 +481,7 @@ def _integer_nonlinearities(model: nn.Module, config: IntegerConfig, example_inp
     handles = [module.register_forward_pre_hook(observe(name)) for name, module in targets.items()]
     try:
         with torch.no_grad():
-            _run(model, example_input)
+            run_example(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -482,7 +497,9 @@ def _integer_nonlinearities(model: nn.Module, config: IntegerConfig, example_inp
         model.set_submodule(name, IntegerNonlinearity(kernel, scale, bits, f"{name}.quantize"))
 
 
-def _run(model: nn.Module, example_input: Any) -> Any:
+def run_example(model: nn.Module, example_input: Any) -> Any:
+    """``model`` called on ``example_input``: a tensor, a tuple of positional arguments or a
+    dict of keyword arguments."""
     if isinstance(example_input, dict):
         return model(**example_input)
     if isinstance(example_input, tuple | list):

@@ -22,6 +22,8 @@ from quantwire.backend.ops import IntMatMul, MulQuant, MulShift, Quantize, integ
 from quantwire.proxy.base import QuantProxyFromInjector
 from quantwire.quant_tensor import IntQuantTensor
 
+_EXACT_FLOAT32 = 2**24
+
 __all__ = ["FixedPointSpec", "Grid", "IntegerAdd", "IntegerWBIOL", "activation_grid", "fixed_rescale", "integer_wbiol"]
 
 
@@ -47,8 +49,16 @@ class Grid:
     qmin: int
     qmax: int
 
-    def quantize(self, name: str) -> Quantize:
-        return Quantize(self.scale, self.zero_point, self.qmin, self.qmax, name)
+    def quantize(self, name: str, codes_dtype: torch.dtype = torch.float64) -> Quantize:
+        return Quantize(self.scale, self.zero_point, self.qmin, self.qmax, name, codes_dtype)
+
+    @property
+    def codes_dtype(self) -> torch.dtype:
+        """The narrowest floating dtype holding every code and every code minus the zero point
+        exactly: float32 while they are integers within ``2**24``, float64 otherwise."""
+        integer_zero_point = bool(torch.equal(self.zero_point, self.zero_point.round()))
+        within = max(abs(self.qmin), abs(self.qmax), self.largest_code) <= _EXACT_FLOAT32
+        return torch.float32 if integer_zero_point and within else torch.float64
 
     @property
     def largest_code(self) -> float:
@@ -125,7 +135,9 @@ class IntegerWBIOL(nn.Module):
     """The integer twin of a Linear / Conv quant layer: ``Quantize`` (input codes),
     ``IntMatMul`` (exact integer product with the weight codes), then ``MulShift`` (real output,
     BatchNorm folded in when one follows) or ``MulQuant`` + dequantization when the layer
-    quantizes its output."""
+    quantizes its output. The codes travel as float32 when the input grid fits it (the product
+    then runs in float32, see :class:`~quantwire.backend.ops.IntMatMul`); real values in the
+    input's dtype (float64 in a converted model)."""
 
     def __init__(
         self,
@@ -138,8 +150,10 @@ class IntegerWBIOL(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        self.quantize = input_grid.quantize(f"{name}.quantize")
+        self.quantize = input_grid.quantize(f"{name}.quantize", input_grid.codes_dtype)
         self.register_buffer("input_zero_point", input_grid.zero_point.clone())
+        # static: a grid without zero point needs no subtraction (and no pass over the codes)
+        self.zero_point_free = not bool(input_grid.zero_point.any())
         self.matmul = matmul
         self.rescale = rescale
         self.channel_dim = channel_dim
@@ -147,16 +161,23 @@ class IntegerWBIOL(nn.Module):
         self.input_grid = input_grid
 
     def codes(self, x: Tensor) -> Tensor:
-        """The integer codes this layer's product consumes (zero point removed)."""
-        return self.quantize(x) - self.input_zero_point
+        """The integer codes this layer's product consumes (zero point removed), in the
+        quantizer's codes dtype."""
+        codes = self.quantize(x)
+        if self.zero_point_free:
+            return codes
+        return codes - self.input_zero_point.to(codes.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         accumulator = self.matmul(self.codes(x))
         out = self.rescale(accumulator)
         if self.output_grid is None:
             return out
+        scale = _view(self.output_grid.scale, out, self.channel_dim)
+        if not self.output_grid.zero_point.any():
+            return out * scale
         zero = _view(self.output_grid.zero_point, out, self.channel_dim)
-        return (out - zero) * _view(self.output_grid.scale, out, self.channel_dim)
+        return (out - zero).mul_(scale)
 
 
 def _view(tensor: Tensor, like: Tensor, channel_dim: int) -> Tensor:
@@ -205,9 +226,19 @@ def integer_wbiol(
             raise BackendError(f"{name}: padding_mode={layer.padding_mode!r} is not supported (zeros only)")
         if input_grid.zero_point.abs().max() > 0:
             raise BackendError(f"{name}: zero padding of an input with a zero point is not supported")
-    matmul = IntMatMul(op, weight_codes, spec.accumulator_bits, spec.overflow, name=f"{name}.matmul", **kwargs)
+    matmul = IntMatMul(
+        op,
+        weight_codes,
+        spec.accumulator_bits,
+        spec.overflow,
+        name=f"{name}.matmul",
+        input_bound=input_grid.largest_code,
+        **kwargs,
+    )
     terms = weight_codes[0].numel() if op != "linear" else weight_codes.shape[-1]
     matmul.check_exact(input_grid.largest_code, weight_grid.largest_code, terms)
+    # the largest accumulator of each output channel: lets the rescale prove float64 exact
+    accumulator_bound = matmul.channel_bounds()
 
     multiplier = (input_grid.scale.reshape(()) * weight_scale.double()).reshape(-1)
     bias = None
@@ -232,10 +263,11 @@ def integer_wbiol(
             output_grid.qmax,
             channel_dim,
             f"{name}.rescale",
+            accumulator_bound,
         )
     else:
         fixed_multiplier, fixed_bias = fixed_rescale(multiplier, bias, spec, name)
-        rescale = MulShift(fixed_multiplier, fixed_bias, channel_dim, f"{name}.rescale")
+        rescale = MulShift(fixed_multiplier, fixed_bias, channel_dim, f"{name}.rescale", accumulator_bound)
     return IntegerWBIOL(name, input_grid, matmul, rescale, output_grid, channel_dim)
 
 
@@ -274,5 +306,8 @@ class IntegerAdd(nn.Module):
         self.register_buffer("zero_point", grid.zero_point.reshape(()))
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        codes = (self.quantize(a) - self.zero_point) + (self.quantize(b) - self.zero_point)
-        return codes * self.scale
+        codes = self.quantize(a) + self.quantize(b)
+        if self.zero_point.any():
+            # integers well inside float64: subtracting both zero points from the sum is exact
+            codes -= 2 * self.zero_point
+        return codes.mul_(self.scale)

@@ -29,20 +29,51 @@ def _pass_through(forward: Tensor, x: Tensor) -> Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """``torch.<op>(x)`` forward, identity backward."""
+    """``torch.<op>(x, *args)`` forward, identity backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, op: str) -> Tensor:
-        return getattr(torch, op)(x)
+    def forward(ctx: Any, x: Tensor, op: str, *args: float) -> Tensor:
+        ctx.num_args = len(args)
+        return getattr(torch, op)(x, *args)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (grad, None, *([None] * ctx.num_args))
 
 
 @torch.jit.unused
 def _straight_through(x: Tensor, op: str) -> Tensor:
     return _StraightThrough.apply(x, op)
+
+
+@torch.jit.unused
+def _clamp_min_straight_through(x: Tensor, min_val: float) -> Tensor:
+    return _StraightThrough.apply(x, "clamp_min", min_val)
+
+
+@torch.jit.unused
+def _clamp_scalars_straight_through(x: Tensor, min_val: float, max_val: float) -> Tensor:
+    return _StraightThrough.apply(x, "clamp", min_val, max_val)
+
+
+class _AbsBinarySignGrad(torch.autograd.Function):
+    """``|x|`` forward, ``binary_sign(x)`` times the incoming gradient backward (0 at ±inf)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.abs(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        # 0 at infinities, as the scripted composition gives.
+        return torch.where(x >= 0, grad, -grad).masked_fill_(torch.isinf(x), 0.0)
+
+
+@torch.jit.unused
+def _abs_binary_sign_grad_eager(x: Tensor) -> Tensor:
+    return _AbsBinarySignGrad.apply(x)
 
 
 class _ClampStraightThrough(torch.autograd.Function):
@@ -163,15 +194,21 @@ def tensor_clamp_ste(x: Tensor, min_val: Tensor, max_val: Tensor) -> Tensor:
 
 def scalar_clamp_ste(x: Tensor, min_val: float, max_val: float) -> Tensor:
     """Clamp to scalar bounds; gradient 1 everywhere."""
-    return _pass_through(torch.clamp(x, min_val, max_val), x)
+    if torch.jit.is_scripting():
+        return _pass_through(torch.clamp(x, min_val, max_val), x)
+    return _clamp_scalars_straight_through(x, min_val, max_val)
 
 
 def scalar_clamp_min_ste(x: Tensor, min_val: float) -> Tensor:
     """Clamp from below to a scalar; gradient 1 everywhere (a scale stuck at its floor still learns)."""
-    return _pass_through(torch.clamp_min(x, min_val), x)
+    if torch.jit.is_scripting():
+        return _pass_through(torch.clamp_min(x, min_val), x)
+    return _clamp_min_straight_through(x, min_val)
 
 
 def abs_binary_sign_grad(x: Tensor) -> Tensor:
     """``|x|`` whose gradient is :func:`binary_sign` of ``x``: like ``abs`` but with gradient
     ``+1`` instead of ``0`` at ``x == 0``, so a scale that reaches zero can still move."""
-    return torch.abs(x).detach() - binary_sign(x).detach() * _zero_with_identity_gradient(x)
+    if torch.jit.is_scripting():
+        return torch.abs(x).detach() - binary_sign(x).detach() * _zero_with_identity_gradient(x)
+    return _abs_binary_sign_grad_eager(x)

@@ -34,14 +34,17 @@ class _QuantMerge(QuantLayer):
     def _quantize_inputs(self, tensors: tuple[Any, ...]) -> list[Any]:
         """Every operand on the shared quantizer's grid (QuantTensors when asked for).
 
-        The shared quantizer sees all operands in one call: while it collects statistics
-        (training, calibration) its range must cover every operand, not average the ranges of
-        separate calls (which would clip the larger operand). Once its scale is fixed, this
-        equals quantizing each operand on its own."""
+        While the shared quantizer's scale depends on its input (statistics being collected in
+        training or calibration, or computed per call) it sees all operands in one call: its
+        range must cover every operand, not average the ranges of separate calls (which would
+        clip the larger operand). Once its scale is fixed, quantizing each operand on its own
+        gives the same result without copying the operands into one tensor."""
         if self.input_quant is None:
             return [t if self.return_quant_tensor else plain_value(t) for t in tensors]
         values = [plain_value(t) for t in tensors]
         quantize = self.input_quant if self.return_quant_tensor else self.input_quant.fake_quant
+        if not self.input_quant.scale_depends_on_input():
+            return [quantize(v) for v in values]
         if all(v.shape == values[0].shape for v in values):
             joint = quantize(torch.stack(values))
             return [joint[i] for i in range(len(values))]

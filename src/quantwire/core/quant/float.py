@@ -86,11 +86,18 @@ class FloatQuant(ScriptModule):
         return minifloat_saturate(y, self.max_value, self.signed, self.saturating, self.has_inf, self.has_nan)
 
     @script_method
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def observe(self, x: Tensor) -> Tensor:
+        """The scale for ``x`` without quantizing it: what calibration runs to let the scale
+        collect its statistics."""
         scale = self.scaling_impl(x)
         float_scaling_impl = self.float_scaling_impl
         if float_scaling_impl is not None:
             scale = scale / float_scaling_impl()
+        return scale
+
+    @script_method
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        scale = self.observe(x)
         y = self.delay_wrapper(x, self.quantize(x / scale) * scale)
         return (
             y,

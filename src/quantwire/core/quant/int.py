@@ -3,12 +3,17 @@
 import torch
 from torch import Tensor, nn
 
-from quantwire.core.function_wrapper.ops import RoundSte, TensorClamp
+from quantwire.core.function_wrapper.ops import RoundSte, TensorClamp, TensorClampSte
 from quantwire.core.quant.delay import DelayWrapper
 from quantwire.core.scaling.grad_scale import NoGradScale
 from quantwire.core.utils import StatelessBuffer
+from quantwire.core.zero_point import ZeroZeroPoint
+from quantwire.function.fake_quant import int_fake_quant
 from quantwire.function.int_range import max_int, min_int
 from quantwire.jit import ScriptModule, script_method
+
+# The clamps whose gradients :func:`~quantwire.function.fake_quant.int_fake_quant` reproduces.
+_FUSED_CLAMPS = (TensorClamp, TensorClampSte)
 
 
 class IntQuant(ScriptModule):
@@ -44,9 +49,53 @@ class IntQuant(ScriptModule):
         return self.float_to_int_impl(self.tensor_clamp_impl(y, lower, upper))
 
     @script_method
-    def forward(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+    def forward(
+        self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor, zero_point_is_zero: bool = False
+    ) -> Tensor:
+        """``zero_point_is_zero``: the caller knows ``zero_point`` is the constant 0 (a symmetric
+        quantizer), so the fused path skips adding and subtracting it (the result differs only
+        for an input of ``-0.0``, which stays ``-0.0`` instead of becoming ``+0.0``)."""
+        if not torch.jit.is_scripting():
+            if self.fusable(bit_width):
+                fused = self.fused_forward(scale, None if zero_point_is_zero else zero_point, bit_width, x)
+                return self.delay_wrapper(x, fused)
         y = (self.to_int(scale, zero_point, bit_width, x) - zero_point) * scale
         return self.delay_wrapper(x, y)
+
+    @torch.jit.unused
+    def fusable(self, bit_width: Tensor) -> bool:
+        """Whether :meth:`fused_forward` computes what the composition does: round half to even,
+        a clamp with either gradient, a constant bit width, this class's ``to_int``, eager mode
+        (``torch.compile`` fuses the composition itself)."""
+        return (
+            type(self).to_int is IntQuant.to_int
+            and type(self.float_to_int_impl) is RoundSte
+            and type(self.tensor_clamp_impl) in _FUSED_CLAMPS
+            and not bit_width.requires_grad
+            and not torch.compiler.is_compiling()
+        )
+
+    @torch.jit.unused
+    def fused_forward(self, scale: Tensor, zero_point: Tensor | None, bit_width: Tensor, x: Tensor) -> Tensor:
+        """The composition as one autograd node (:func:`quantwire.function.fake_quant.int_fake_quant`;
+        ``zero_point=None``: no zero point)."""
+        lower, upper = self._range(bit_width)
+        clamp_ste = type(self.tensor_clamp_impl) is TensorClampSte
+        return int_fake_quant(x, scale, zero_point, lower, upper, clamp_ste)
+
+    @torch.jit.unused
+    def _range(self, bit_width: Tensor) -> tuple[Tensor, Tensor]:
+        """``(min_int, max_int)`` of a constant bit width, computed once per bit-width tensor."""
+        key = (bit_width.data_ptr(), bit_width._version, bit_width.dtype, bit_width.device)
+        cached = self.__dict__.get("_range_cache")
+        if cached is None or cached[0] != key:
+            bounds = (
+                min_int(self.signed, self.narrow_range, bit_width),
+                max_int(self.signed, self.narrow_range, bit_width),
+            )
+            cached = (key, bounds)
+            self.__dict__["_range_cache"] = cached
+        return cached[1]
 
 
 class PactIntQuant(IntQuant):
@@ -56,7 +105,11 @@ class PactIntQuant(IntQuant):
     scale) gets the gradient of the inputs above it."""
 
     @script_method
-    def forward(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+    def forward(
+        self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor, zero_point_is_zero: bool = False
+    ) -> Tensor:
+        """``zero_point_is_zero`` is accepted for :class:`IntQuant`'s signature; the composition
+        here adds the zero point whatever it is."""
         y = (self.to_int(scale, zero_point, bit_width, x) - zero_point) * scale
         lower = (min_int(self.signed, self.narrow_range, bit_width) - zero_point) * scale
         upper = (max_int(self.signed, self.narrow_range, bit_width) - zero_point) * scale
@@ -104,11 +157,23 @@ class RescalingIntQuant(ScriptModule):
         self.grad_scale_impl = NoGradScale() if grad_scale_impl is None else grad_scale_impl
 
     @script_method
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def observe(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(scale, zero_point, bit_width)`` for ``x`` without quantizing it: what calibration
+        runs to let the scale and zero point collect their statistics."""
         bit_width = self.msb_clamp_bit_width_impl()
         scale = self.scaling_impl(x) / self.int_scaling_impl(bit_width)
-        zero_point = self.grad_scale_impl(self.zero_point_impl(x, scale, bit_width), x, bit_width)
+        zero_point = self.zero_point_impl(x, scale, bit_width)
+        return scale, zero_point, bit_width
+
+    @script_method
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        scale, zero_point, bit_width = self.observe(x)
+        zero_point = self.grad_scale_impl(zero_point, x, bit_width)
         scale = self.grad_scale_impl(scale, x, bit_width)
+        if not torch.jit.is_scripting():
+            if isinstance(self.int_quant, IntQuant) and type(self.zero_point_impl) is ZeroZeroPoint:
+                y = self.int_quant(scale, zero_point, bit_width, x, zero_point_is_zero=True)
+                return y, scale, zero_point, bit_width
         y = self.int_quant(scale, zero_point, bit_width, x)
         return y, scale, zero_point, bit_width
 
@@ -128,5 +193,9 @@ class PrescaledIntQuant(ScriptModule):
     def forward(self, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         bit_width = self.msb_clamp_bit_width_impl()
         zero_point = self.zero_point()
+        if not torch.jit.is_scripting():
+            if isinstance(self.int_quant, IntQuant):
+                y = self.int_quant(scale, zero_point, bit_width, x, zero_point_is_zero=True)
+                return y, scale, zero_point, bit_width
         y = self.int_quant(scale, zero_point, bit_width, x)
         return y, scale, zero_point, bit_width

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from quantwire.errors import QuantConfigError
+from quantwire.function.fake_quant import abs_max_last_dim
 from quantwire.function.int_range import int_scaling_divisor, max_int, min_int
 from quantwire.jit import ScriptModule, script_method
 
@@ -35,10 +36,17 @@ def _kth_smallest(x: Tensor, q: float) -> Tensor:
 
 
 class AbsMax(ScriptModule):
-    """``max(|x|)``: the symmetric range that covers every value."""
+    """``max(|x|)``: the symmetric range that covers every value. With autograd in eager mode,
+    its gradient goes to one element reaching the maximum (see
+    :func:`~quantwire.function.fake_quant.abs_max_last_dim`); TorchScript and ``torch.compile``
+    use ``amax``, whose gradient is shared among tied maxima (they differ only on ties)."""
 
     @script_method
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            # torch.compile fuses amax and its backward itself.
+            if x.requires_grad and torch.is_grad_enabled() and x.shape[-1] > 0 and not torch.compiler.is_compiling():
+                return abs_max_last_dim(x)
         return torch.amax(torch.abs(x), dim=-1, keepdim=True)
 
 
