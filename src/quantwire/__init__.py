@@ -8,7 +8,7 @@ calibrates and optimises them.
 
 __version__ = "0.1.0"
 
-from quantwire.algorithms import calibrate, calibration_mode, prune, sparsity  # noqa: E402
+from quantwire.algorithms import calibrate, calibration_mode, checking_finite, prune, sparsity  # noqa: E402
 from quantwire.backend.export import export_integer  # noqa: E402
 from quantwire.backend.integer import IntegerConfig, to_integer  # noqa: E402
 from quantwire.convert import (  # noqa: E402
@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "calibration_mode",
+    "checking_finite",
     "export_integer",
     "load_quantized",
     "prune",

@@ -99,9 +99,11 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     """Convert CHECKPOINT to the integer backend and export its test vectors."""
     import quantwire
-    from quantwire.cli_support.models import parse_shape
+    from quantwire.cli_support.models import CliError, parse_shape
 
     shape = parse_shape(args.input_shape)
+    if Path(args.out).exists() and not args.overwrite:  # refused before loading and converting the model
+        raise CliError(f"{args.out} already exists; pass --overwrite to replace it")
     imodel = quantwire.to_integer(_load(args))
     example = torch.rand(shape, generator=torch.Generator().manual_seed(args.seed)).double()
     out = quantwire.export_integer(imodel, example, args.out, overwrite=args.overwrite, progress=args.progress)

@@ -9,6 +9,7 @@ LSQ, LSQ+, PACT) trained by an ordinary training loop.
 from quantwire.algorithms.bias_correction import bias_correction
 from quantwire.algorithms.calibration import calibrate, calibration_mode, reset_calibration
 from quantwire.algorithms.equalize import equalize, find_equalization_pairs, find_smooth_quant_groups, smooth_quant
+from quantwire.algorithms.finite_check import checking_finite
 from quantwire.algorithms.freeze import freeze_weight_quantizer, quantize_weight_tensors
 from quantwire.algorithms.gptq import gptq
 from quantwire.algorithms.pruning import LayerSparsity, SparsityReport, prune, sparsity
@@ -33,6 +34,7 @@ __all__ = [
     "brecq",
     "calibrate",
     "calibration_mode",
+    "checking_finite",
     "equalize",
     "find_blocks",
     "find_equalization_pairs",

@@ -58,7 +58,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,9 @@ import quantwire
 from quantwire import config
 from quantwire.backend.fixed_point import ROUNDING
 from quantwire.backend.ops import IntMatMul, MulQuant, MulShift, Quantize
-from quantwire.errors import ExportError
+from quantwire.core.utils import non_finite_kind
+from quantwire.errors import ExportError, QuantInputError
+from quantwire.files import temporary_sibling
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "ExportError", "export_integer"]
 
@@ -498,7 +499,7 @@ def _publish(temporary: Path, out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ExportError(f"{out_dir} appeared while exporting; pass overwrite=True to replace it")
-    previous = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.old"
+    previous = temporary_sibling(out_dir, ".old")
     os.replace(out_dir, previous)
     try:
         os.replace(temporary, out_dir)
@@ -520,6 +521,14 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"can not export to {out_dir}: its parent {out_dir.parent} is not an existing folder")
 
 
+def _check_finite_example(example_input: Any) -> None:
+    """Refuse NaN or Inf in ``example_input`` (:class:`QuantInputError`): an integer grid
+    clamps Inf silently and turns NaN into an error far from its cause."""
+    for index, tensor in enumerate(torch.utils._pytree.tree_leaves(example_input)):
+        if isinstance(tensor, Tensor) and (bad := non_finite_kind(tensor)) is not None:
+            raise QuantInputError(f"export_integer: example_input tensor {index} holds {bad} values")
+
+
 def export_integer(
     imodel: nn.Module, example_input: Any, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True
 ) -> Path:
@@ -535,6 +544,7 @@ def export_integer(
     while writing (also off when ``quantwire.config.PROGRESS`` is)."""
     out_dir = Path(out_dir).absolute()
     _check_destination(out_dir, overwrite)
+    _check_finite_example(example_input)
     operators = [(name, module) for name, module in imodel.named_modules() if isinstance(module, OPERATOR_TYPES)]
     if not operators:
         raise ExportError(
@@ -546,7 +556,7 @@ def export_integer(
         _run(imodel, example_input)
     if not recorder.calls:
         raise ExportError(f"none of the {len(operators)} backend operators of {type(imodel).__name__} ran")
-    temporary = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+    temporary = temporary_sibling(out_dir)
     try:
         _write(temporary, imodel, example_input, recorder.calls, progress)
         _publish(temporary, out_dir, overwrite)

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,6 +92,7 @@ from quantwire.core.scaling import StatsScaling
 from quantwire.core.stats.sources import RuntimeStats
 from quantwire.core.zero_point import StatsZeroPoint
 from quantwire.errors import ExportError
+from quantwire.files import atomic_write
 from quantwire.function.int_range import max_int, min_int
 from quantwire.proxy import ActQuantProxyFromInjector, QuantProxyFromInjector, WeightQuantProxyFromInjector
 
@@ -637,24 +637,6 @@ def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
     return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
 
 
-def _temporary_file(path: Path) -> Path:
-    """A new empty file next to ``path``: the export is written there, then moved to ``path``."""
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        temporary.open("xb").close()
-    except OSError as error:
-        raise ExportError(f"can not write the ONNX file {str(path)!r}: {error}") from error
-    return temporary
-
-
-def _move(temporary: Path, path: Path) -> None:
-    """Replace ``path`` by ``temporary`` in one step (readers see the old or the new file)."""
-    try:
-        os.replace(temporary, path)
-    except OSError as error:
-        raise ExportError(f"can not write the ONNX file {str(path)!r}: {error}") from error
-
-
 def _trace(model: nn.Module, args: tuple[Any, ...], target: Path, opset: int, names: dict[str, Any]) -> None:
     """``torch.onnx.export`` with the TorchScript exporter, its deprecation noise silenced."""
     with warnings.catch_warnings():
@@ -764,20 +746,42 @@ def export_onnx(
     """
     path = Path(path)
     args = _as_args(example_input)
-    opset = _opset(qmodel, opset_version)
-    temporary = _temporary_file(path)
+    settings = _ExportSettings(
+        path, _opset(qmodel, opset_version), input_names, output_names, dynamic_batch, check, atol, rtol
+    )
     try:
-        with onnx_export_mode(qmodel, args) as session:
-            inputs = _names(input_names, len(args), "input")
-            outputs = _names(output_names, len(_flatten(session.reference)), "output")
-            axes = {name: {0: "batch"} for name in [*inputs, *outputs]} if dynamic_batch else None
-            names = {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
-            _trace(qmodel, args, temporary, opset, names)
-            session.check_calls()
-        _constants_to_initializers(temporary)
-        if check:
-            _check(session.reference, run_onnxruntime(temporary, args), atol, rtol, path)
-        _move(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        atomic_write(path, lambda temporary: _write_checked(qmodel, args, temporary, settings))
+    except OSError as error:
+        raise ExportError(f"can not write the ONNX file {str(path)!r}: {error}") from error
     return path
+
+
+@dataclass(frozen=True)
+class _ExportSettings:
+    """The arguments of one :func:`export_onnx` call that say what to write and how to check it."""
+
+    path: Path
+    opset: int
+    input_names: Sequence[str] | None
+    output_names: Sequence[str] | None
+    dynamic_batch: bool
+    check: bool
+    atol: float
+    rtol: float
+
+
+def _write_checked(qmodel: nn.Module, args: tuple[Any, ...], target: Path, settings: _ExportSettings) -> None:
+    """Trace ``qmodel`` into the ONNX file ``target`` (the temporary file that becomes
+    ``settings.path``) and, if asked, compare onnxruntime's outputs on ``args`` with PyTorch's
+    (:class:`ExportError` when they differ too much)."""
+    with onnx_export_mode(qmodel, args) as session:
+        inputs = _names(settings.input_names, len(args), "input")
+        outputs = _names(settings.output_names, len(_flatten(session.reference)), "output")
+        axes = {name: {0: "batch"} for name in [*inputs, *outputs]} if settings.dynamic_batch else None
+        names = {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
+        _trace(qmodel, args, target, settings.opset, names)
+        session.check_calls()
+    _constants_to_initializers(target)
+    if settings.check:
+        reference, got = session.reference, run_onnxruntime(target, args)
+        _check(reference, got, settings.atol, settings.rtol, settings.path)

@@ -7,6 +7,7 @@ Models are built with random weights and never downloaded: ``torchvision:NAME``
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -50,11 +51,29 @@ def build_model(spec: str) -> nn.Module:
             raise CliError(f"unknown timm model {name!r}")
         return timm.create_model(name, pretrained=False).eval()
     if Path(spec).is_dir():
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
-        return transformers.AutoModel.from_pretrained(spec).eval()
+        return _pretrained_model(spec)
     raise CliError(f"unknown model {spec!r}: use torchvision:NAME, timm:NAME or a Hugging Face model folder")
+
+
+def _pretrained_model(folder: str) -> nn.Module:
+    """The Hugging Face model saved in ``folder``, in eval mode. Its weights are read without
+    unpickling code and no Python file of the folder runs (stated here, not left to
+    transformers' defaults); a checkpoint that would need either is a :class:`CliError`."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
+    try:
+        model = transformers.AutoModel.from_pretrained(folder, weights_only=True, trust_remote_code=False)
+    except pickle.UnpicklingError as error:
+        raise CliError(f"the weights in {folder!r} can not be read safely: {_first_line(error)}") from error
+    return model.eval()
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type name when it has none): library errors
+    such as the unpickler's run to a page of advice."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -69,18 +88,29 @@ def load_float_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a float ``state_dict`` (``.safetensors`` or a ``torch.save`` file, read with
     ``weights_only=True``) into ``model``; returns ``model``."""
     path = _existing_file(path, "checkpoint")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_tensors(path, "checkpoint")
     try:
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise CliError(f"{path} does not fit {type(model).__name__}: {first}") from None
+        raise CliError(f"{path} does not fit {type(model).__name__}: {_first_line(error)}") from None
     return model
+
+
+def _read_tensors(path: Path, what: str) -> object:
+    """What the tensor file ``path`` holds, read without running any of its code: safetensors,
+    ``.npy`` without pickles, or ``torch.load(weights_only=True)``. A file that can not be read
+    so (a pickle that would import or call anything, a damaged file) is a :class:`CliError`."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # numpy, safetensors and the unpickler each raise their own types
+        raise CliError(f"{what} {str(path)!r} can not be read safely: {_first_line(error)}") from error
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -111,9 +141,7 @@ def _image_folder(folder: Path, image_size: int) -> Tensor:
 
 def _tensor_file(path: Path) -> Tensor:
     """A ``.npy`` or ``.pt`` tensor file as a float tensor."""
-    if path.suffix.lower() == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = _read_tensors(path, "calibration data")
     if not isinstance(loaded, Tensor):
         raise CliError(f"{path} holds a {type(loaded).__name__}, not a tensor")
     return loaded.float()
@@ -152,7 +180,7 @@ def load_text_calibration(
     one sentence per line, or ``synthetic`` (``count`` random token sequences, with a warning)."""
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if source == "synthetic":
         print(
             "quantwire: warning: calibrating on synthetic random tokens; scales will not suit real text",

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from quantwire.cli_support.demo import DemoResult  # noqa: E402
 from quantwire.cli_support.stats import activation_sqnr, layer_rows, weight_grid  # noqa: E402
+from quantwire.files import atomic_write, atomic_write_text  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -67,10 +68,13 @@ def _histogram_plot(result: DemoResult, model_name: str, path: Path) -> Path:
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
-    """Write ``figure`` as a PNG at ``path`` and close it."""
+    """Write ``figure`` as a PNG at ``path`` (atomically: a report never shows half a plot) and
+    close it."""
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -147,13 +151,12 @@ def _html(markdown: str) -> str:
 
 
 def write_report(result: DemoResult, out_dir: Path) -> Path:
-    """Write plots, ``report.md`` and ``report.html`` into ``out_dir``; returns ``report.md``."""
+    """Write plots, ``report.md`` and ``report.html`` into ``out_dir``, each file atomically;
+    returns ``report.md``."""
     images = [
         _sqnr_plot(result, out_dir / "sqnr.png"),
         _histogram_plot(result, "W4A4 PTQ (QDrop reconstruction)", out_dir / "weights_w4a4.png"),
     ]
     markdown = _markdown(result, images)
-    (out_dir / "report.html").write_text(_html(markdown), encoding="utf-8")
-    report = out_dir / "report.md"
-    report.write_text(markdown, encoding="utf-8")
-    return report
+    atomic_write_text(out_dir / "report.html", _html(markdown))
+    return atomic_write_text(out_dir / "report.md", markdown)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,17 @@ from torch import Tensor, nn
 
 from quantwire.convert.config import QuantConfig
 from quantwire.convert.quantize import CONFIG_ATTRIBUTE, as_config, quantize_model
-from quantwire.errors import QuantConfigError, QuantwireError
+from quantwire.convert.state_check import check_keys_fit
+from quantwire.errors import CheckpointError, QuantwireError
+from quantwire.files import atomic_write
 from quantwire.inject import ExtendedInjector, compose
 from quantwire.inject import value as injector_value
-from quantwire.proxy import QuantProxyFromInjector
+from quantwire.proxy import QuantProxyFromInjector, WeightQuantProxyFromInjector
 from quantwire.proxy.base import adapting_quantizer_shapes
 
 __all__ = ["CheckpointError", "load_quantized", "read_checkpoint", "save_quantized"]
 
 FORMAT = "quantwire-fakequant/1"
-
-
-class CheckpointError(QuantwireError, ValueError):
-    """A checkpoint that can not be written, read, or does not fit the model."""
 
 
 # -- quantizer declarations as JSON ---------------------------------------------------------------
@@ -171,34 +168,32 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, config: QuantConfi
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".pt", ".pth"):
         raise CheckpointError(f"{path}: a quantwire checkpoint is a .safetensors or .pt file")
-    _atomic_write(path, lambda tmp: _write(tmp, suffix, state, metadata))
+    _write_atomically(path, suffix, state, metadata)
     return path
 
 
-def _write(tmp: Path, suffix: str, state: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+def _write_atomically(path: Path, suffix: str, state: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    """Serialise to a temporary file next to ``path``, then rename it onto ``path``; any failure
+    (a full disk, a serializer error) is a :class:`CheckpointError` and leaves ``path`` as it was."""
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the folder {str(path.parent)!r} does not exist")
+    try:
+        atomic_write(path, lambda temporary: _write(temporary, suffix, state, metadata))
+    except QuantwireError:
+        raise
+    except Exception as error:  # OSError, safetensors' and torch's own error types
+        raise CheckpointError(f"{path}: can not write the checkpoint: {error}") from error
+
+
+def _write(target: Path, suffix: str, state: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+    """Write ``state`` and ``metadata`` to ``target`` in the format ``suffix`` names."""
     if suffix == ".safetensors":
         from safetensors.torch import save_file
 
         # safetensors refuses tensors sharing memory: give each key its own copy.
-        save_file({k: v.clone() for k, v in state.items()}, str(tmp), metadata={"quantwire": json.dumps(metadata)})
+        save_file({k: v.clone() for k, v in state.items()}, str(target), metadata={"quantwire": json.dumps(metadata)})
     else:
-        torch.save({"state_dict": state, "quantwire": json.dumps(metadata)}, tmp)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"{path}: the folder {str(directory)!r} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        raise CheckpointError(f"{path}: can not write the checkpoint: {error}") from error
-    finally:
-        tmp.unlink(missing_ok=True)
+        torch.save({"state_dict": state, "quantwire": json.dumps(metadata)}, target)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -227,10 +222,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise CheckpointError(f"{path}: can not read the checkpoint: {error}") from error
     if raw is None:
         raise CheckpointError(f"{path}: no quantwire metadata (was it written by save_quantized?)")
-    metadata = json.loads(raw)
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {metadata.get('format')!r} (expected {FORMAT!r})")
-    return state, metadata
+    return state, _parse_metadata(path, raw)
+
+
+def _parse_metadata(path: Path, raw: Any) -> dict[str, Any]:
+    """The checkpoint's metadata from its JSON text, checked to be of this format."""
+    try:
+        metadata = json.loads(raw)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: the quantwire metadata is not JSON ({error})") from error
+    found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+    if found != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {found!r} (expected {FORMAT!r})")
+    return metadata
 
 
 def load_quantized(
@@ -244,12 +248,33 @@ def load_quantized(
     config = as_config(config) if config is not None else QuantConfig.from_dict(metadata["config"])
     qmodel = quantize_model(float_model, config)
     _redeclare_quantizers(qmodel, metadata.get("quantizers", {}), f"{path} does not fit {type(float_model).__name__}")
+    check_keys_fit(qmodel, state, f"{path} does not fit {type(float_model).__name__}")
     try:
         with adapting_quantizer_shapes():
             qmodel.load_state_dict(state, strict=True)
-    except (RuntimeError, QuantConfigError) as error:
+    except (RuntimeError, ValueError, TypeError, QuantwireError) as error:
+        # ValueError/TypeError: a mis-shaped step counter (``_extra_state``) reaches ``int()``.
         raise CheckpointError(f"{path} does not fit {type(float_model).__name__}: {error}") from error
+    _check_weight_quantizers(qmodel, f"{path} does not fit {type(float_model).__name__}")
     return qmodel
+
+
+def _check_weight_quantizers(model: nn.Module, where: str) -> None:
+    """Quantize every weight once, in eval mode (no step counter moves): a quantizer tensor
+    whose saved shape does not fit its weight fails here, named, instead of at the first forward."""
+    for name, proxy in _proxies(model).items():
+        if not isinstance(proxy, WeightQuantProxyFromInjector) or proxy.disable_quant:
+            continue
+        training = proxy.training
+        proxy.eval()
+        try:
+            with torch.no_grad():
+                proxy.quant_output()
+        except (RuntimeError, QuantwireError) as error:
+            message = f"{where}: {name} ({proxy.describe()}) can not quantize its weight: {error}"
+            raise CheckpointError(message) from error
+        finally:
+            proxy.train(training)
 
 
 def _redeclare_quantizers(model: nn.Module, saved: Mapping[str, Any], where: str) -> None:

@@ -142,6 +142,8 @@ class TensorQuant:
         _check_keys(where, data, {f.name for f in fields(cls)})
         try:
             return cls(**data)
+        except QuantConfigError as error:  # say which kind of tensor the bad setting is for
+            raise QuantConfigError(f"{where}: {error}") from error
         except TypeError as error:  # pragma: no cover - keys were checked
             raise QuantConfigError(f"{where}: {error}") from error
 

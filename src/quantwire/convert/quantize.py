@@ -13,7 +13,9 @@ from torch import nn
 
 from quantwire.convert.config import QuantConfig, preset
 from quantwire.convert.registry import Conversion, find_handler, unhandled_base
-from quantwire.errors import QuantConfigError
+from quantwire.convert.state_check import check_state_dict_fits
+from quantwire.core.utils import non_finite_kind
+from quantwire.errors import QuantConfigError, QuantInputError, QuantwireError
 from quantwire.nn.base import QuantLayer
 from quantwire.proxy import QuantProxyFromInjector
 
@@ -67,8 +69,31 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise QuantConfigError(f"quantize_model takes a torch.nn.Module, got {type(model).__name__}")
     _check_overrides_match(model, config)
+    _check_finite_weights(model, config)
     training = model.training
-    qmodel = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        qmodel = _convert_model(copy.deepcopy(model), config)
+    else:
+        # A failure half-way must leave the caller's model as it was: put its children (and,
+        # when BatchNorms were folded into its weights, its tensors) back.
+        layout = _child_layout(model)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.fold_bn else None
+        try:
+            qmodel = _convert_model(model, config)
+        except BaseException:
+            for parent, child_name, child in layout:
+                setattr(parent, child_name, child)
+            if state is not None:
+                model.load_state_dict(state)
+            raise
+    qmodel.register_load_state_dict_pre_hook(check_state_dict_fits)
+    qmodel.train(training)
+    object.__setattr__(qmodel, CONFIG_ATTRIBUTE, config)
+    return qmodel
+
+
+def _convert_model(qmodel: nn.Module, config: QuantConfig) -> nn.Module:
+    """Fold BatchNorms if asked, then convert ``qmodel`` itself: the converted model."""
     if config.fold_bn:
         from quantwire.convert.fold_bn import fold_batch_norms
 
@@ -78,9 +103,12 @@ def quantize_model(
     qmodel = _convert(qmodel, "", qmodel, config, left_float) or qmodel
     _warn_left_float(left_float)
     _retie_parameters(qmodel, tied)
-    qmodel.train(training)
-    object.__setattr__(qmodel, CONFIG_ATTRIBUTE, config)
     return qmodel
+
+
+def _child_layout(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, child)`` for every parent-child link in ``model``."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
 
 
 def _convert(
@@ -101,12 +129,25 @@ def _convert(
     recurse = True
     if found is not None:
         handler, recurse = found
-        replacement = handler(module, Conversion(name, settings, config, root))
+        replacement = _run_handler(handler, module, Conversion(name, settings, config, root))
         if replacement is None:
             recurse = True
     if recurse:
         _convert_children(replacement if replacement is not None else module, name, root, config, left_float)
     return replacement
+
+
+def _run_handler(handler: Any, module: nn.Module, conversion: Conversion) -> nn.Module | None:
+    """``handler(module, conversion)``; a quantwire error it raises names the layer it was converting
+    (``layer1.0.conv1: QuantConv2d.weight_quant=...: bit_width must be ...``), once."""
+    try:
+        return handler(module, conversion)
+    except QuantwireError as error:
+        if getattr(error, "quantwire_layer", None) is not None:
+            raise
+        named = type(error)(f"{conversion.name or type(module).__name__}: {error}")
+        named.quantwire_layer = conversion.name
+        raise named from error
 
 
 def _convert_children(
@@ -168,6 +209,22 @@ def _retie_parameters(qmodel: nn.Module, tied: list[list[str]]) -> None:
             setattr(module, param_name, shared)
             if isinstance(module, QuantLayer):
                 module.init_quantizers()
+
+
+def _check_finite_weights(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse NaN or Inf in the parameters of the layers conversion quantizes, naming the first
+    such tensor: a quantizer built on them would give NaN scales silently."""
+    for name, module in model.named_modules():
+        if find_handler(module) is None or config.for_layer(name, module).skip:
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            bad = non_finite_kind(param.detach())
+            if bad is not None:
+                qualified = f"{name}.{param_name}" if name else param_name
+                raise QuantInputError(
+                    f"quantize_model: {qualified} ({type(module).__name__}) holds {bad} values; "
+                    "fix or re-initialise the float weights first"
+                )
 
 
 def _check_overrides_match(model: nn.Module, config: QuantConfig) -> None:

@@ -10,11 +10,21 @@ from quantwire.jit import ScriptModule, script_method
 
 
 class BitWidthConst(ScriptModule):
-    """A fixed bit width (``bit_width`` an integer in ``[1, 32]``)."""
+    """A fixed bit width (``bit_width`` an integer in ``[1, 32]``).
 
-    def __init__(self, bit_width: int) -> None:
+    ``signed`` (wired from the quantizer when it declares it): a signed integer grid needs at
+    least 2 bits; at 1 bit its largest code is 0 and every scale ``threshold / 0`` is infinite.
+    """
+
+    def __init__(self, bit_width: int, signed: bool | None = None) -> None:
         super().__init__()
-        self.bit_width = StatelessBuffer(torch.tensor(float(check_bit_width(bit_width))))
+        bit_width = check_bit_width(bit_width)
+        if signed is True and bit_width == 1:
+            raise QuantConfigError(
+                "bit_width=1 with signed=True leaves no positive integer level; use bit_width >= 2, "
+                "signed=False, or a binary quantizer (SignedBinaryWeightPerTensorConst)"
+            )
+        self.bit_width = StatelessBuffer(torch.tensor(float(bit_width)))
 
     @script_method
     def forward(self) -> Tensor:

@@ -132,3 +132,11 @@ def check_shape(shape: Any, name: str) -> tuple[int, ...]:
     if isinstance(shape, torch.Size | tuple | list) and all(isinstance(d, int) and d >= 0 for d in shape):
         return tuple(shape)
     raise QuantConfigError(f"{name} must be a tuple of non-negative ints, got {shape!r}")
+
+
+def non_finite_kind(tensor: Tensor) -> str | None:
+    """``"NaN"`` or ``"Inf"`` when the floating-point ``tensor`` holds such a value (NaN named
+    first), None when it is finite or not floating point: for error messages that name the value."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return None
+    return "NaN" if bool(torch.isnan(tensor).any()) else "Inf"

@@ -293,7 +293,11 @@ def compose(*quantizers: type, name: str | None = None) -> type:
     if len(quantizers) == 1 and name is None:
         return quantizers[0]
     name = name or "".join(q.__name__ for q in quantizers)
-    composed = type(quantizers[0])(name, tuple(quantizers), {"__module__": __name__, "__qualname__": name})
+    try:
+        composed = type(quantizers[0])(name, tuple(quantizers), {"__module__": __name__, "__qualname__": name})
+    except TypeError as error:  # the bases' orders conflict: no consistent method resolution order
+        parts = ", ".join(q.__name__ for q in quantizers)
+        raise DependencyError(f"compose({parts}) can not order these quantizers' bases: {error}") from error
     type.__setattr__(composed, "__compose_parts__", (tuple(quantizers), name))
     return composed
 

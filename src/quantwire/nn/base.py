@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quantwire.errors import QuantInputError
 from quantwire.nn.quantizer_kwargs import QuantSpec, build_proxy, route_quant_kwargs
 from quantwire.proxy.base import QuantProxyFromInjector, plain_value
 from quantwire.quant_tensor import IntQuantTensor, QuantTensor
@@ -191,6 +192,11 @@ def copy_float_state(float_layer: nn.Module, layer: QuantLayer) -> None:
     twin's quantizers from them."""
     with torch.no_grad():
         for name, tensor in [*float_layer.named_parameters(recurse=False), *float_layer.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+                raise QuantInputError(
+                    f"{type(layer).__name__}.from_float: {type(float_layer).__name__}.{name} holds {bad} values"
+                )
             getattr(layer, name).copy_(tensor)
     layer.init_quantizers()
 

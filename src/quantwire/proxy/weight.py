@@ -104,6 +104,14 @@ class WeightQuantProxyFromInjector(QuantProxyFromInjector):
         return weight if self.pruning is None else self.pruning(weight)
 
     def _quantize(self, weight: Tensor) -> tuple[Tensor, ...]:
+        try:
+            return self._quantize_unchecked(weight)
+        except RuntimeError as error:  # e.g. a loaded per-channel scale that does not fit the weight
+            raise QuantConfigError(
+                f"{self.describe()}: can not quantize the weight of shape {tuple(weight.shape)}: {error}"
+            ) from error
+
+    def _quantize_unchecked(self, weight: Tensor) -> tuple[Tensor, ...]:
         if not (self.cache_inference_quant_weight and is_frozen_context(self)):
             return self.tensor_quant(self.with_grad_quant(self.pruned(weight)))
         if self._state_tensors is None:

@@ -4,6 +4,8 @@ Catalogue quantizers are these blocks combined by inheritance; nothing here has 
 the ``@value`` choices that follow from other attributes.
 """
 
+from torch import Tensor
+
 from quantwire.core.bit_width import BitWidthConst
 from quantwire.core.function_wrapper import (
     OverChannelView,
@@ -44,8 +46,9 @@ from quantwire.core.stats import (
     PercentileInterval,
     TensorStats,
 )
+from quantwire.core.utils import non_finite_kind
 from quantwire.core.zero_point import ParameterFromRuntimeStatsZeroPoint, StatsZeroPoint, ZeroZeroPoint
-from quantwire.errors import QuantConfigError
+from quantwire.errors import QuantConfigError, QuantInputError
 from quantwire.inject import ExtendedInjector, value
 from quantwire.proxy import (
     ActQuantProxyFromInjector,
@@ -190,9 +193,22 @@ class PerGroupScaling(ExtendedInjector):
     group_size = 32
 
     @value
-    def group_dim(module):
+    def group_dim(module, group_size):
         layer = module[0] if isinstance(module, tuple) else module
-        return getattr(layer, "input_channel_dim", 1)
+        dim = getattr(layer, "input_channel_dim", 1)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() <= dim:
+            raise QuantConfigError(
+                f"per-group scaling groups the input channels of a weight; {type(layer).__name__} has none"
+            )
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise QuantConfigError(f"group_size must be a positive integer, got {group_size!r}")
+        if weight.shape[dim] % group_size:
+            raise QuantConfigError(
+                f"group_size={group_size} does not divide the {weight.shape[dim]} input channels of "
+                f"{type(layer).__name__}.weight {tuple(weight.shape)}"
+            )
+        return dim
 
 
 class MinMaxInitScaling(ExtendedInjector):
@@ -241,6 +257,11 @@ class ParameterFromWeightStatsScaling(ExtendedInjector):
         weight = source() if callable(source) else getattr(layer, "weight", None)
         if weight is None:
             raise QuantConfigError(f"{type(layer).__name__} has no weight to initialise a learned scale from")
+        bad = non_finite_kind(weight)
+        if bad is not None:
+            raise QuantInputError(
+                f"{type(layer).__name__}.weight holds {bad} values; can not initialise a learned scale from it"
+            )
         stats = TensorStats(scaling_stats_impl, scaling_stats_input_view_shape_impl)
         return stats(weight.detach().float()).clamp_min(1e-10)
 
@@ -293,7 +314,10 @@ class AdaRoundLearnedRounding(ExtendedInjector):
     @value
     def learned_round_shape(module):
         layer = module[0] if isinstance(module, tuple) else module
-        return tuple(layer.weight.shape)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise QuantConfigError(f"learned rounding rounds a weight; {type(layer).__name__} has none")
+        return tuple(weight.shape)
 
 
 class QuantDropMixin(ExtendedInjector):

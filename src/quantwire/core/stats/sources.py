@@ -1,7 +1,10 @@
 """Where a statistic comes from: computed on every call, tracked at run time, or collected and
 then learned. Scaling and zero-point modules are thin compositions of these."""
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from quantwire.core.utils import StepCounterState, check_shape
@@ -130,6 +133,16 @@ class ParameterFromRuntimeStats(ScriptModule):
     ``scaling_min_val``): a statistic of 0, from activations that were all zero while
     collecting, would otherwise start a log-domain parameter at ``-inf``, which no gradient can
     move and whose gradient is NaN.
+
+    Under ``torch.distributed`` (initialised, more than one rank) the statistic is averaged over
+    the ranks of the default process group when collection ends in an eager training forward,
+    right before it becomes the parameter (:meth:`average_statistic_over_ranks`: one collective,
+    once), so that every rank starts the parameter from the same value; DDP never re-broadcasts
+    parameters, and a per-rank start would stay different on each rank for the whole run. Every
+    rank must therefore run the same number of training forwards through this module while it
+    collects, as DDP training does. Code compiled by TorchScript (``QUANTWIRE_JIT=1``) or
+    ``torch.compile`` (:meth:`compiled_forward`) does not synchronise: calibrate first
+    (:func:`quantwire.calibrate`, then :func:`quantwire.distributed.sync_quant_statistics`).
     """
 
     init_min_val: float | None
@@ -159,6 +172,24 @@ class ParameterFromRuntimeStats(ScriptModule):
         self.runtime_stats.sync_counter()
         return self.runtime_stats.counter < self.collect_stats_steps
 
+    @torch.jit.unused
+    def average_statistic_over_ranks(self, group: Any = None) -> bool:
+        """Replace the collected statistic (``runtime_stats.running``) by its average over the
+        ranks of ``group`` (``None``: the default process group). A collective: every rank of
+        ``group`` must call it. Returns whether it averaged (False without an initialised
+        ``torch.distributed`` or with a single rank)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        ranks = dist.get_world_size(group)
+        if ranks < 2:
+            return False
+        running = self.runtime_stats.running
+        with torch.no_grad():
+            # gloo has no ReduceOp.AVG: sum, then divide (the same arithmetic on every rank).
+            dist.all_reduce(running, op=dist.ReduceOp.SUM, group=group)
+            running.div_(ranks)
+        return True
+
     @script_method
     def collected_value(self) -> Tensor:
         """What the parameter starts at: the collected statistic (floored by ``init_min_val``)
@@ -181,6 +212,8 @@ class ParameterFromRuntimeStats(ScriptModule):
                 return self.restrict_value_impl.restrict_init_tensor(self.runtime_stats(x))
             stats = self.runtime_stats.update(x)
             if counter + 1 == self.collect_stats_steps:
+                if not torch.jit.is_scripting():
+                    self.average_statistic_over_ranks()
                 self.value.detach().copy_(self.collected_value())
             return self.restrict_value_impl.restrict_init_tensor(stats)
         return self.value
@@ -191,7 +224,9 @@ class ParameterFromRuntimeStats(ScriptModule):
         collecting, both phases are computed and ``torch.where`` picks one (so the parameter gets
         a zero gradient where eager code leaves it at ``None``). Once the host knows collection
         is over (``counter_limit_reached``, set on the next eager call, ``train()``/``eval()`` or
-        ``state_dict()``), the graph is the parameter alone, as in eager mode."""
+        ``state_dict()``), the graph is the parameter alone, as in eager mode. No collective runs
+        here: under ``torch.distributed`` each rank starts the parameter from its own statistic
+        (calibrate and synchronise before compiling; see the class docstring)."""
         source = self.runtime_stats
         if source.counter_limit_reached:
             return self.value
