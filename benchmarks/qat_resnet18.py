@@ -28,9 +28,11 @@ from quantwire.proxy import WeightQuantProxyFromInjector
 from quantwire.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 
 
-def quantize_w8a8(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every Conv2d/Linear replaced by its W8A8 quantwire twin."""
-    model = copy.deepcopy(model)
+def quantize_w8a8(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace=True``) with every Conv2d/Linear
+    replaced by its W8A8 quantwire twin."""
+    if not inplace:
+        model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             twin = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}.get(type(child))

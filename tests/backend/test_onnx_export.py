@@ -276,8 +276,9 @@ def test_resnet18(tmp_path: Path) -> None:
     path = export_onnx(model, x, tmp_path / "resnet18.onnx")
     assert_close_to_pytorch(path, model, [(x,), (seeded((3, 3, 64, 64), 21),)], "resnet18")
     counts = op_counts(path)
-    # 20 convolutions and the classifier (weight + input each) and the 8 residual adds.
-    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 21 * 2 + 8
+    # 20 convolutions and the classifier (weight + input each) and the 8 residual adds (one
+    # pair per operand: with frozen scales each operand is quantized on its own, no stacking).
+    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 21 * 2 + 8 * 2
 
 
 def attention_proxies(model: nn.Module) -> list[str]:

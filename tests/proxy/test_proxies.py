@@ -639,3 +639,29 @@ def test_a_default_layer_loads_a_float_checkpoint_strictly() -> None:
     assert set(layer.state_dict()) == {"weight", "bias"}
     layer.load_state_dict(float_layer.state_dict())
     assert torch.equal(layer.weight, float_layer.weight)
+
+
+def test_from_float_builds_each_quantizer_once_from_the_copied_weight(monkeypatch):
+    """``from_float`` defers the quantizer builds of the placeholder layer: an MSE-initialised
+    learned scale searches the float layer's weight once, not the placeholder's first."""
+    import quantwire.quant as catalogue
+    from quantwire.nn import QuantLinear
+    from quantwire.proxy.base import QuantProxyFromInjector
+
+    built = []
+    original = QuantProxyFromInjector.init_tensor_quant
+
+    def counting(proxy):
+        built.append(proxy.role)
+        original(proxy)
+
+    monkeypatch.setattr(QuantProxyFromInjector, "init_tensor_quant", counting)
+    float_layer = torch.nn.Linear(6, 4)
+    layer = QuantLinear.from_float(
+        float_layer, weight_quant=catalogue.Int8WeightPerChannelLsq, input_quant=catalogue.Int8ActPerTensorFloat
+    )
+    assert sorted(built) == ["input_quant", "weight_quant"]
+    scale = layer.weight_quant.tensor_quant.scaling_impl.value
+    expected = float_layer.weight.detach().abs().amax(dim=1, keepdim=True)
+    assert scale.shape == expected.shape and bool((scale > 0).all())
+    torch.testing.assert_close(layer.weight_quant(layer.weight).value, layer.quant_weight().value)

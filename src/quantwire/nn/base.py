@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from quantwire.errors import QuantInputError
 from quantwire.nn.quantizer_kwargs import QuantSpec, build_proxy, route_quant_kwargs
-from quantwire.proxy.base import QuantProxyFromInjector, plain_value
+from quantwire.proxy.base import QuantProxyFromInjector, deferring_quantizer_builds, plain_value
 from quantwire.quant_tensor import IntQuantTensor, QuantTensor
 
 
@@ -178,7 +178,8 @@ class QuantWBIOL(QuantLayer):
     @classmethod
     def from_float(cls, float_layer: nn.Module, **quant_kwargs: Any) -> QuantWBIOL:
         """A quant layer with the float layer's configuration and a copy of its tensors."""
-        layer = cls(**cls.float_constructor_kwargs(float_layer), **quant_kwargs)
+        with deferring_quantizer_builds():  # built once, from the copied tensors
+            layer = cls(**cls.float_constructor_kwargs(float_layer), **quant_kwargs)
         copy_float_state(float_layer, layer)
         return layer
 

@@ -44,6 +44,25 @@ def adapting_quantizer_shapes() -> Iterator[None]:
         _ADAPT_SHAPES[0] = previous
 
 
+# Whether new proxies leave their quantizer unbuilt (set by :func:`deferring_quantizer_builds`).
+_DEFER_BUILDS = [False]
+
+
+@contextlib.contextmanager
+def deferring_quantizer_builds() -> Iterator[None]:
+    """Within this context, proxies created do not build their quantizer (``tensor_quant`` is
+    None) until their layer calls :meth:`~quantwire.nn.base.QuantLayer.init_quantizers`: for a
+    layer built only to receive another layer's tensors (``from_float``), whose quantizers would
+    otherwise be built twice, once from the placeholder weights (an MSE or learned-scale
+    initialisation costs a search over the whole weight)."""
+    previous = _DEFER_BUILDS[0]
+    _DEFER_BUILDS[0] = True
+    try:
+        yield
+    finally:
+        _DEFER_BUILDS[0] = previous
+
+
 class QuantProxyFromInjector(nn.Module):
     """Owns the ``tensor_quant`` built from ``quant_injector`` for the layers it tracks.
 
@@ -63,7 +82,12 @@ class QuantProxyFromInjector(nn.Module):
         self._signed: bool | None = None
         self._load_prefix = ""
         self.register_load_state_dict_post_hook(_forgive_missing_quantizer_keys)
-        self.add_tracked_module(quant_layer)
+        if _DEFER_BUILDS[0]:
+            self.tensor_quant = None
+            self.grad_tensor_quant = None
+            self.tracked_module_list.append(quant_layer)
+        else:
+            self.add_tracked_module(quant_layer)
 
     # -- building ---------------------------------------------------------------------------
 

@@ -152,8 +152,9 @@ class MSE(ScriptModule):
             ratio = 1.0 - (1.0 - self.min_ratio) * i / max(self.num_candidates - 1, 1)
             threshold = abs_max * ratio
             scale = torch.clamp_min(threshold / self.divisor, 1e-30)
-            quantized = torch.clamp(torch.round(x / scale), self.min_int, self.max_int) * scale
-            error = torch.mean((quantized - x) ** 2, dim=-1, keepdim=True)
+            # (clamp(round(x / s)) * s - x)^2, in place on one buffer (the same operations).
+            residual = torch.round_(x / scale).clamp_(self.min_int, self.max_int).mul_(scale).sub_(x)
+            error = torch.mean(residual.square_(), dim=-1, keepdim=True)
             better = error < best_error
             best_threshold = torch.where(better, threshold, best_threshold)
             best_error = torch.where(better, error, best_error)
