@@ -140,3 +140,28 @@ def test_mse_threshold_beats_abs_max(x, bit_width, signed, narrow_range, num_can
         slack = 1e-4 * errors[0] + 1e-12
         assert error <= errors[0] + slack
         assert error <= min(errors) + slack
+
+
+@given(
+    size=st.integers(4096, 20000),
+    percentile=st.sampled_from([99.999, 99.99, 99.9, 99.5]),
+    kind=st.sampled_from(["normal", "relu", "ties", "constant", "nan", "inf"]),
+    seed=st.integers(0, 2**16),
+)
+def test_high_percentile_of_a_long_row_is_topks_value(size, percentile, kind, seed):
+    """Short upper tails of long rows are selected in two steps (block maxima, then the blocks
+    that reach the bound): the value is exactly the one a full ``topk`` gives, NaN included."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, size, generator=generator)
+    if kind == "relu":
+        x = x.clamp_min(0.0)
+    elif kind == "ties":
+        x = torch.randint(0, 4, (1, size), generator=generator).float()
+    elif kind == "constant":
+        x = torch.full((1, size), 0.5)
+    elif kind in ("nan", "inf"):
+        x[0, int(torch.randint(0, size, (1,), generator=generator))] = float(kind)
+    k = min(max(int(percentile * 0.01 * size + 0.5), 1), size)
+    expected = torch.topk(x.abs(), size - k + 1, dim=-1).values.amin(dim=-1, keepdim=True)
+    got = AbsPercentile(percentile)(x.abs())
+    assert torch.equal(got, expected) or (bool(got.isnan()) and bool(expected.isnan()))

@@ -101,10 +101,11 @@ def seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def quant_proxies(model: nn.Module) -> list[QuantProxyFromInjector]:
-    """Every quantization proxy in ``model``, once each (shared proxies appear once)."""
+def quant_proxies(model: nn.Module | list[nn.Module]) -> list[QuantProxyFromInjector]:
+    """Every quantization proxy in ``model`` (or in a list of its modules), once each (shared
+    proxies appear once)."""
     seen: dict[int, QuantProxyFromInjector] = {}
-    for module in model.modules():
+    for module in model.modules() if isinstance(model, nn.Module) else model:
         if isinstance(module, QuantProxyFromInjector):
             seen.setdefault(id(module), module)
     return list(seen.values())

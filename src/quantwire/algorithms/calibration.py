@@ -41,22 +41,27 @@ __all__ = ["calibrate", "calibration_mode", "reset_calibration"]
 _UNBOUNDED_STEPS = 2**62
 
 
-def _stats_sources(model: nn.Module) -> tuple[list[ParameterFromRuntimeStats], list[RuntimeStats]]:
-    collected = [m for m in model.modules() if isinstance(m, ParameterFromRuntimeStats)]
+def _stats_sources(modules: list[nn.Module]) -> tuple[list[ParameterFromRuntimeStats], list[RuntimeStats]]:
+    """The collect-then-learn sources and the stand-alone running statistics among ``modules``."""
+    collected = [m for m in modules if isinstance(m, ParameterFromRuntimeStats)]
     inner = {id(m.runtime_stats) for m in collected}
-    running = [m for m in model.modules() if isinstance(m, RuntimeStats) and id(m) not in inner]
+    running = [m for m in modules if isinstance(m, RuntimeStats) and id(m) not in inner]
     return collected, running
 
 
 def reset_calibration(model: nn.Module) -> None:
     """Forget every collected statistic, so that the next training steps or calibration
     collect afresh (learned scales and zero points start again from statistics)."""
-    collected, running = _stats_sources(model)
+    _reset(list(model.modules()))
+
+
+def _reset(modules: list[nn.Module]) -> None:
+    collected, running = _stats_sources(modules)
     for source in collected:
         source.runtime_stats.set_counter(0)
     for source in running:
         source.set_counter(0)
-    for module in model.modules():
+    for module in modules:
         reset = getattr(module, "reset_observer", None)
         if callable(reset):
             reset()
@@ -129,10 +134,11 @@ def calibration_mode(model: nn.Module, quantize: bool = False, check_inputs: boo
     unchanged. Calibrating under ``torch.no_grad()`` is the caller's choice (:func:`calibrate`
     does).
     """
-    collected, running = _stats_sources(model)
+    modules = list(model.modules())  # one walk of the model serves every step below
+    collected, running = _stats_sources(modules)
     before = _snapshot(collected, running)
     limits = [source.collect_stats_steps for source in collected]
-    proxies = quant_proxies(model)
+    proxies = quant_proxies(modules)
     act_proxies = [p for p in proxies if isinstance(p, ActQuantProxyFromInjector) and not p.disable_quant]
     disabled_before = [p.disable_quant for p in proxies]
     names = _layer_names(model)
@@ -140,7 +146,7 @@ def calibration_mode(model: nn.Module, quantize: bool = False, check_inputs: boo
     failed = False
     with eval_mode(model):
         try:
-            reset_calibration(model)
+            _reset(modules)
             for source in collected:
                 source.collect_stats_steps = _UNBOUNDED_STEPS
                 source.runtime_stats.set_counter_limit(_UNBOUNDED_STEPS)

@@ -29,10 +29,38 @@ def _kth_smallest(x: Tensor, q: float) -> Tensor:
     k = int(q * 0.01 * n + 0.5)
     k = min(max(k, 1), n)
     if k > n // 2:
+        if not torch.jit.is_scripting():
+            if x.shape[0] == 1 and n - k + 1 <= _SHORT_TAIL and n >= _SHORT_TAIL * _SHORT_TAIL:
+                return _largest_of_one_row(x, n - k + 1)
         tail = torch.topk(x, n - k + 1, dim=-1, largest=True, sorted=False).values
         return torch.amin(tail, dim=-1, keepdim=True)
     head = torch.topk(x, k, dim=-1, largest=False, sorted=False).values
     return torch.amax(head, dim=-1, keepdim=True)
+
+
+# Tails of at most this many elements, in rows of at least its square, are selected in two steps.
+_SHORT_TAIL = 64
+
+
+@torch.jit.unused
+def _largest_of_one_row(x: Tensor, count: int) -> Tensor:
+    """The ``count``-th largest element of a ``(1, n)`` row, as ``(1, 1)``: the value ``topk``
+    gives, without selecting over the whole row. The row is cut into blocks; the ``count``-th
+    largest block maximum is a bound that at least ``count`` elements reach, so the answer lies
+    in the blocks whose maximum reaches it (and the few elements left after the last whole
+    block). One pass over the row (the block maxima), then a selection over ``count`` or so
+    blocks. A NaN among the top block maxima (``topk`` ranks NaN first) falls back to ``topk``
+    over the row."""
+    row = x.reshape(-1)
+    blocks = max(count, int(row.numel() ** 0.5))
+    width = row.numel() // blocks
+    whole = row[: blocks * width].reshape(blocks, width)
+    maxima = torch.amax(whole, dim=1)
+    bound = torch.topk(maxima, count, largest=True, sorted=False).values.amin()
+    if bool(torch.isnan(bound)):
+        return torch.topk(row, count, largest=True, sorted=False).values.amin().reshape(1, 1)
+    candidates = torch.cat((whole[maxima >= bound].reshape(-1), row[blocks * width :]))
+    return torch.topk(candidates, count, largest=True, sorted=False).values.amin().reshape(1, 1)
 
 
 class AbsMax(ScriptModule):
