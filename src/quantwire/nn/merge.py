@@ -43,7 +43,9 @@ class _QuantMerge(QuantLayer):
             return [t if self.return_quant_tensor else plain_value(t) for t in tensors]
         values = [plain_value(t) for t in tensors]
         quantize = self.input_quant if self.return_quant_tensor else self.input_quant.fake_quant
-        if not self.input_quant.scale_depends_on_input():
+        # Under torch.compile the joint call stays: whether statistics are still being collected
+        # is read from step counters the compiled graph must not branch on.
+        if not torch.compiler.is_compiling() and not self.input_quant.scale_depends_on_input():
             return [quantize(v) for v in values]
         if all(v.shape == values[0].shape for v in values):
             joint = quantize(torch.stack(values))

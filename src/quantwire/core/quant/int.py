@@ -3,6 +3,7 @@
 import torch
 from torch import Tensor, nn
 
+from quantwire import config
 from quantwire.core.function_wrapper.ops import RoundSte, TensorClamp, TensorClampSte
 from quantwire.core.quant.delay import DelayWrapper
 from quantwire.core.scaling.grad_scale import NoGradScale
@@ -68,7 +69,8 @@ class IntQuant(ScriptModule):
         a clamp with either gradient, a constant bit width, this class's ``to_int``, eager mode
         (``torch.compile`` fuses the composition itself)."""
         return (
-            type(self).to_int is IntQuant.to_int
+            config.FUSED_FAKE_QUANT
+            and type(self).to_int is IntQuant.to_int
             and type(self.float_to_int_impl) is RoundSte
             and type(self.tensor_clamp_impl) in _FUSED_CLAMPS
             and not bit_width.requires_grad

@@ -30,7 +30,9 @@ def _kth_smallest(x: Tensor, q: float) -> Tensor:
     k = min(max(k, 1), n)
     if k > n // 2:
         if not torch.jit.is_scripting():
-            if x.shape[0] == 1 and n - k + 1 <= _SHORT_TAIL and n >= _SHORT_TAIL * _SHORT_TAIL:
+            # Eager only: the selection depends on the data, which torch.compile can not trace.
+            short = x.shape[0] == 1 and n - k + 1 <= _SHORT_TAIL and n >= _SHORT_TAIL * _SHORT_TAIL
+            if short and not torch.compiler.is_compiling():
                 return _largest_of_one_row(x, n - k + 1)
         tail = torch.topk(x, n - k + 1, dim=-1, largest=True, sorted=False).values
         return torch.amin(tail, dim=-1, keepdim=True)
