@@ -19,7 +19,6 @@ The fresh process imports this file for the model builders (tests/convert is not
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 
 import quantwire
 import quantwire.quant as catalogue
+from quantwire.cli_support.demo import torch_threads
 from quantwire.convert import QuantConfig, TensorQuant, load_quantized, save_quantized
 from quantwire.convert.config import PRESETS
 from quantwire.nn import QuantConv2d, QuantLinear
@@ -75,17 +75,6 @@ def required_attributes(name: str) -> dict[str, Any]:
 def role(name: str) -> str:
     """``weight``, ``input`` or ``bias``: what the catalogue quantizer ``name`` quantizes."""
     return ROLES[getattr(catalogue, name).proxy_class]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the body with ``count`` intra-op threads (float sums are ordered by thread count)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def scrambled(model: nn.Module, seed: int = 1234) -> nn.Module:

@@ -144,7 +144,7 @@ def _lsq_w4a4(float_model: nn.Module, splits: DigitsSplits, calibration: list, s
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     """Run the body with ``count`` torch intra-op threads, restoring the previous number."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
@@ -158,7 +158,7 @@ def run_demo(out_dir: Path, settings: DemoSettings | None = None) -> DemoResult:
     """Train, quantize, convert and export as the module docstring says; the export goes to
     ``out_dir / "export"`` (replaced if it exists)."""
     settings = settings or DemoSettings()
-    with _torch_threads(settings.threads):
+    with torch_threads(settings.threads):
         return _run(out_dir, settings)
 
 
